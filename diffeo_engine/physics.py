@@ -1,0 +1,256 @@
+"""Temperature helpers, the mode disc, the exact variance law, and argument validation.
+
+The formulas are those of Petrini et al. (NeurIPS 2021), written out in design.md
+section 2. Validation lives here, once, and every layer above imports it: bad input
+raises ``ValueError``/``TypeError`` naming the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+__all__ = [
+    "check_T",
+    "check_cut",
+    "check_ids",
+    "check_images",
+    "check_seed",
+    "check_stream",
+    "mode_mask",
+    "mode_variances",
+    "pixel_variance",
+    "sine_table",
+    "temperature_range",
+    "typical_displacement",
+    "typical_temperature",
+]
+
+IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SEED_LIMIT = 1 << 63
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_seed(seed) -> int:
+    """A seed is an integer in ``[0, 2**63)``."""
+    if not _is_integer(seed):
+        raise TypeError(f"seed: expected an integer in [0, 2**63), got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed: expected an integer in [0, 2**63), got {seed}")
+    return int(seed)
+
+
+def check_cut(cut, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """``cut`` is an integer ``>= minimum`` (and ``<= maximum`` where a backend has one)."""
+    if not _is_integer(cut):
+        raise TypeError(f"cut: expected an integer >= {minimum}, got {cut!r}")
+    if cut < minimum:
+        why = " (log 1 = 0: there is no temperature range)" if minimum == 2 else ""
+        raise ValueError(f"cut: expected an integer >= {minimum}, got {cut}{why}")
+    if maximum is not None and cut > maximum:
+        raise ValueError(f"cut: expected an integer <= {maximum} for this backend, got {cut}")
+    return int(cut)
+
+
+def check_stream(stream, limit: int) -> int:
+    if not _is_integer(stream) or not 0 <= stream < limit:
+        raise ValueError(f"stream: expected an integer in [0, {limit}), got {stream!r}")
+    return int(stream)
+
+
+def _check_positive_size(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a positive number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a positive finite number, got {value}")
+    return float(value)
+
+
+def _check_scalar_T(T) -> float:
+    if isinstance(T, bool) or not isinstance(T, numbers.Real):
+        raise TypeError(f"T: expected a non-negative float or a tensor, got {type(T).__name__}")
+    if not math.isfinite(T):
+        raise ValueError(f"T: expected a finite temperature, got {T}")
+    if T < 0:
+        raise ValueError(f"T: expected a temperature >= 0, got {T}")
+    return float(T)
+
+
+def check_T(T, n_images: int, device: torch.device, *, check_values: bool = True) -> torch.Tensor:
+    """``T`` as a float32 tensor of shape ``(n_images,)`` on ``device``.
+
+    A float is broadcast; a tensor must be a scalar or have one entry per image, be of a
+    floating dtype and live on ``device``. Values must be finite and ``>= 0`` (checked
+    unless ``check_values`` is off, as under ``torch.compile`` where values are unknown).
+    """
+    if not torch.is_tensor(T):
+        return torch.full((n_images,), _check_scalar_T(T), dtype=torch.float32, device=device)
+    if not T.is_floating_point():
+        raise TypeError(f"T: expected a floating-point tensor, got dtype {T.dtype}")
+    if T.device != torch.device(device):
+        raise ValueError(f"T: expected a tensor on {device} (the images' device), got {T.device}")
+    if T.dim() == 0:
+        T = T.reshape(1).expand(n_images)
+    elif T.shape != (n_images,):
+        raise ValueError(
+            f"T: expected a scalar or one temperature per image, shape ({n_images},), "
+            f"got {tuple(T.shape)}"
+        )
+    if check_values and T.numel() > 0:
+        if not bool(torch.isfinite(T).all()):
+            raise ValueError("T: expected finite temperatures, got NaN or inf")
+        if bool((T < 0).any()):
+            raise ValueError(f"T: expected temperatures >= 0, got minimum {float(T.min())}")
+    return T.to(torch.float32).contiguous()
+
+
+def check_ids(ids, n_images: int, device: torch.device | str | None) -> torch.Tensor:
+    """Image ids as an int64 tensor of shape ``(n_images,)``; ``None`` means ``0..n-1``."""
+    if ids is None:
+        return torch.arange(n_images, dtype=torch.int64, device=device)
+    if not torch.is_tensor(ids):
+        if not all(_is_integer(i) for i in ids):
+            raise TypeError("ids: expected integers (an int64 tensor or a sequence of ints)")
+        ids = torch.as_tensor(list(ids), dtype=torch.int64, device=device)
+    elif ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"ids: expected an integer tensor, got dtype {ids.dtype}")
+    elif device is not None and ids.device != torch.device(device):
+        raise ValueError(
+            f"ids: expected a tensor on {device} (the images' device), got {ids.device}"
+        )
+    if ids.shape != (n_images,):
+        raise ValueError(
+            f"ids: expected one id per image, shape ({n_images},), got {tuple(ids.shape)}"
+        )
+    return ids.to(torch.int64)
+
+
+def check_images(images, name: str = "images") -> torch.Tensor:
+    """A ``(B, C, H, W)`` tensor of a supported dtype with ``H, W >= 2``."""
+    if not torch.is_tensor(images):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"{name}: expected shape (B, C, H, W), got {tuple(images.shape)}")
+    if images.dtype not in IMAGE_DTYPES:
+        kind = "integer images must be uint8" if not images.is_floating_point() else "a float"
+        raise TypeError(
+            f"{name}: expected dtype uint8, float16, bfloat16, float32 or float64 "
+            f"({kind}), got {images.dtype}"
+        )
+    H, W = images.shape[-2:]
+    if H < 2 or W < 2:
+        raise ValueError(f"{name}: expected H >= 2 and W >= 2, got H={H}, W={W}")
+    return images
+
+
+def check_out_dtype(out_dtype, images: torch.Tensor) -> torch.dtype:
+    """The output dtype: the input's for float images, float32 for uint8, or as asked."""
+    if out_dtype is None:
+        return torch.float32 if images.dtype == torch.uint8 else images.dtype
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in IMAGE_DTYPES:
+        raise TypeError(
+            "out_dtype: expected None, torch.uint8, float16, bfloat16, float32 or float64, "
+            f"got {out_dtype!r}"
+        )
+    return out_dtype
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """Every given tensor lives on the device of the first one."""
+    named = [(k, t) for k, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name}: expected a tensor on {first.device} (the device of {first_name}), "
+                f"got {t.device}"
+            )
+
+
+def check_interp(interp: str) -> str:
+    if interp not in ("bilinear", "nearest"):
+        raise ValueError(f"interp: expected 'bilinear' or 'nearest', got {interp!r}")
+    return interp
+
+
+# ----------------------------------------------------------------------------- physics
+
+
+def temperature_range(n: int, cut: int) -> tuple[float, float]:
+    """``(T_min, T_max)`` for a square image of side ``n``: half-pixel displacement, no folds."""
+    _check_positive_size("n", n)
+    check_cut(cut, minimum=2)
+    log_cut = math.log(cut)
+    return 1.0 / (math.pi * n**2 * log_cut), 4.0 / (math.pi**3 * cut**2 * log_cut)
+
+
+def typical_displacement(T: float, cut: int, n: int) -> float:
+    """Typical displacement in pixels at the centre of a square image of side ``n``."""
+    T = _check_scalar_T(T)
+    check_cut(cut, minimum=2)
+    _check_positive_size("n", n)
+    return n * math.sqrt(math.pi * T * math.log(cut)) / 2.0
+
+
+def typical_temperature(delta: float, cut: int, n: int) -> float:
+    """The temperature whose typical displacement is ``delta`` pixels (inverse of the above)."""
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
+        raise TypeError(f"delta: expected a non-negative number, got {delta!r}")
+    if not math.isfinite(delta) or delta < 0:
+        raise ValueError(f"delta: expected a finite displacement >= 0, got {delta}")
+    check_cut(cut, minimum=2)
+    _check_positive_size("n", n)
+    return 4.0 * delta**2 / (math.pi * n**2 * math.log(cut))
+
+
+def mode_mask(cut: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean ``(cut, cut)``: mode ``(i, j)`` at ``[i - 1, j - 1]`` is kept iff
+    ``sqrt(i^2 + j^2) < cut + 1/2``."""
+    check_cut(cut)
+    k = torch.arange(1, cut + 1, device=device, dtype=torch.float64)
+    r2 = k[:, None] ** 2 + k[None, :] ** 2
+    return r2 < (cut + 0.5) ** 2
+
+
+def mode_variances(cut: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``1 / (i^2 + j^2)`` on the disc, 0 outside: the coefficient variance per unit ``T``."""
+    k = torch.arange(1, cut + 1, device=device, dtype=torch.float64)
+    r2 = k[:, None] ** 2 + k[None, :] ** 2
+    return torch.where(mode_mask(cut, device), 1.0 / r2, torch.zeros_like(r2))
+
+
+def pixel_variance(T: float, cut: int, H: int, W: int) -> torch.Tensor:
+    """Exact ``Var u(yh, xh)`` on the ``H x W`` pixel grid, float64 ``(H, W)``.
+
+    ``sum over the disc of T sin^2(i pi xh) sin^2(j pi yh) / (i^2 + j^2)``; the variance of
+    the displacement ``dx`` is ``W^2`` times this, that of ``dy`` ``H^2`` times it.
+    """
+    T = _check_scalar_T(T)
+    check_cut(cut)
+    k = torch.arange(1, cut + 1, dtype=torch.float64)
+    xh = torch.arange(W, dtype=torch.float64) / (W - 1)
+    yh = torch.arange(H, dtype=torch.float64) / (H - 1)
+    sx2 = torch.sin(math.pi * xh[:, None] * k[None, :]) ** 2  # (W, cut) over i
+    sy2 = torch.sin(math.pi * yh[:, None] * k[None, :]) ** 2  # (H, cut) over j
+    return T * torch.einsum("ij,xi,yj->yx", mode_variances(cut), sx2, sy2)
+
+
+def sine_table(
+    n: int, cut: int, *, device=None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``(n, cut)`` table ``sin(k pi t / (n - 1))`` for pixel ``t`` and mode ``k = 1..cut``.
+
+    Shared by every image of a batch: the field is ``S_y C^T S_x^T`` (design.md section 2).
+    Computed in float64 and rounded once, so every backend starts from the same table.
+    """
+    t = torch.arange(n, dtype=torch.float64, device=device) / (n - 1)
+    k = torch.arange(1, cut + 1, dtype=torch.float64, device=device)
+    return torch.sin(math.pi * t[:, None] * k[None, :]).to(dtype)
