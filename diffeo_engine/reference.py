@@ -175,7 +175,8 @@ def _fields_for(images: torch.Tensor, T, cut: int, seed: int, ids) -> tuple:
     B, _, H, W = images.shape
     ids = check_ids(ids, B, images.device)
     coeffs = sample_coefficients(B, cut, T, seed=seed, ids=ids, device=images.device)
-    return ids, displacement_field(coeffs, H, W)
+    # float64 then one rounding: an image's field does not depend on the batch it sits in
+    return ids, displacement_field(coeffs.to(torch.float64), H, W).to(torch.float32)
 
 
 def deform(
@@ -219,10 +220,10 @@ def perturb(
     warped = _warp_values(images, displacement, interp)
     clean = images.to(warped.dtype)
     z = rng.noise_normals(seed, ids, (C, H, W)).to(warped.dtype)
-    if sigma is None:
-        change = (warped - clean).reshape(B, -1).norm(dim=1)
-        scale = change / z.reshape(B, -1).norm(dim=1)
-        eta = z * scale[:, None, None, None]
+    if sigma is None:  # norms in float64 so that they do not depend on the batch either
+        change = (warped - clean).reshape(B, C * H * W).to(torch.float64).norm(dim=1)
+        scale = change / z.reshape(B, C * H * W).to(torch.float64).norm(dim=1)
+        eta = z * scale.to(warped.dtype)[:, None, None, None]
     else:
         eta = z * sigma
     memory_format = _memory_format(images)
