@@ -27,6 +27,7 @@ __all__ = [
     "check_noise",
     "deform",
     "displacement_field",
+    "memory_format_of",
     "perturb",
     "sample_coefficients",
     "to_dtype",
@@ -93,7 +94,8 @@ def _compute_dtype(images: torch.Tensor) -> torch.dtype:
     return torch.float64 if images.dtype == torch.float64 else torch.float32
 
 
-def _memory_format(images: torch.Tensor) -> torch.memory_format:
+def memory_format_of(images: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` for channels-last images, else contiguous: outputs keep the layout."""
     channels_last = images.is_contiguous(memory_format=torch.channels_last)
     if channels_last and not images.is_contiguous():
         return torch.channels_last
@@ -155,7 +157,7 @@ def warp(
             f"got {displacement.device}"
         )
     values = _warp_values(images, displacement, interp)
-    return to_dtype(values, out_dtype).contiguous(memory_format=_memory_format(images))
+    return to_dtype(values, out_dtype).contiguous(memory_format=memory_format_of(images))
 
 
 def check_noise(noise) -> float | None:
@@ -226,7 +228,7 @@ def perturb(
         eta = z * scale.to(warped.dtype)[:, None, None, None]
     else:
         eta = z * sigma
-    memory_format = _memory_format(images)
+    memory_format = memory_format_of(images)
     return (
         to_dtype(warped, out_dtype).contiguous(memory_format=memory_format),
         to_dtype(clean + eta, out_dtype).contiguous(memory_format=memory_format),

@@ -1,0 +1,60 @@
+"""Philox draws inside Triton kernels, the twins of :mod:`diffeo_engine.rng`.
+
+Same key, counter words and Box-Muller as the PyTorch generator, so a kernel and the
+reference draw bit-identical integers for the same ``(seed, id)`` (design.md section 3).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from diffeo_engine import rng
+
+NOISE_STREAM_BASE = tl.constexpr(rng.NOISE_STREAM_BASE)
+COEFF_STREAM_DX = tl.constexpr(rng.COEFF_STREAM_DX)
+COEFF_STREAM_DY = tl.constexpr(rng.COEFF_STREAM_DY)
+
+
+@triton.jit
+def id_words(ids_ptr, b):
+    """Low and high 32-bit words of image ``b``'s int64 id."""
+    image_id = tl.load(ids_ptr + b).to(tl.int64)
+    return image_id.to(tl.uint32), (image_id >> 32).to(tl.uint32)
+
+
+@triton.jit
+def _normals4(seed, counter, stream, id_lo, id_hi):
+    """Four standard normals from the words at ``(counter, stream, id)``: lanes 0..3."""
+    zero = tl.zeros(counter.shape, tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, counter, zero + stream, zero + id_lo, zero + id_hi)
+    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def coefficients_t(seed, stream, id_lo, id_hi, std_ptr, sqrt_T, CP: tl.constexpr):
+    """Transposed coefficients ``(CP, CP)``: row ``j - 1``, column ``i - 1``.
+
+    Mode ``(i, j)`` sits at counter ``((i - 1) << 16) | (j - 1)``; ``std_ptr`` is the
+    ``(CP, CP)`` table ``sqrt(1 / (i^2 + j^2))`` on the disc, 0 elsewhere (``[i-1, j-1]``).
+    """
+    j = tl.arange(0, CP)[:, None]
+    i = tl.arange(0, CP)[None, :]
+    counter = ((i << 16) | j).to(tl.uint32)
+    n, _, _, _ = _normals4(seed, counter, stream, id_lo, id_hi)
+    return n * tl.load(std_ptr + i * CP + j) * sqrt_T
+
+
+@triton.jit
+def noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW: tl.constexpr):
+    """The noise ``z[c, ys, x_start : x_start + BW]`` as a ``(BH, BW)`` tile.
+
+    ``x_start`` is a multiple of 4: one Philox call per four pixels, lanes interleaved.
+    """
+    quads = (x_start // 4 + tl.arange(0, BW // 4))[None, :]
+    stream = NOISE_STREAM_BASE + c * H + ys  # (BH, 1)
+    counter = (quads + 0 * stream).to(tl.uint32)
+    n0, n1, n2, n3 = _normals4(seed, counter, stream.to(tl.uint32), id_lo, id_hi)
+    return tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3))

@@ -1,0 +1,57 @@
+"""Sampling and storing one tile: the reference's clamp, bilinear / nearest and rounding.
+
+Offsets and weights are computed once per tile and reused for every channel. All
+arithmetic is float32 whatever the image dtype, in the reference's formula order, so a
+zero field reproduces the input bit for bit.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def source_points(dx, dy, ys, xs, H, W):
+    """The sampled point ``(x - dx, y - dy)`` clamped to ``[0, W-1] x [0, H-1]``."""
+    px = tl.minimum(tl.maximum(xs.to(tl.float32) - dx, 0.0), (W - 1).to(tl.float32))
+    py = tl.minimum(tl.maximum(ys.to(tl.float32) - dy, 0.0), (H - 1).to(tl.float32))
+    return px, py
+
+
+@triton.jit
+def nearest_offsets(px, py, sh, sw):
+    """Offset of the nearest pixel, rounding half up as ``floor(p + 0.5)``."""
+    return tl.floor(py + 0.5).to(tl.int32) * sh + tl.floor(px + 0.5).to(tl.int32) * sw
+
+
+@triton.jit
+def bilinear_offsets(px, py, H, W, sh, sw):
+    """Offsets of the four neighbours (``x1 = min(x0 + 1, W - 1)``) and the weights."""
+    x0f = tl.floor(px)
+    y0f = tl.floor(py)
+    x0 = x0f.to(tl.int32)
+    y0 = y0f.to(tl.int32)
+    x1 = tl.minimum(x0 + 1, W - 1)
+    y1 = tl.minimum(y0 + 1, H - 1)
+    row0 = y0 * sh
+    row1 = y1 * sh
+    return row0 + x0 * sw, row0 + x1 * sw, row1 + x0 * sw, row1 + x1 * sw, px - x0f, py - y0f
+
+
+@triton.jit
+def bilinear(src, o00, o01, o10, o11, wx, wy, mask):
+    """Bilinear value in float32, in ``reference._warp_values``' order of operations."""
+    a00 = tl.load(src + o00, mask=mask, other=0).to(tl.float32)
+    a01 = tl.load(src + o01, mask=mask, other=0).to(tl.float32)
+    a10 = tl.load(src + o10, mask=mask, other=0).to(tl.float32)
+    a11 = tl.load(src + o11, mask=mask, other=0).to(tl.float32)
+    return (1 - wy) * (1 - wx) * a00 + (1 - wy) * wx * a01 + wy * (1 - wx) * a10 + wy * wx * a11
+
+
+@triton.jit
+def store_values(ptr, values, mask):
+    """Store float32 values in the buffer's dtype; uint8 rounds half up and saturates."""
+    if ptr.dtype.element_ty == tl.uint8:
+        values = tl.minimum(tl.maximum(tl.floor(values + 0.5), 0.0), 255.0)
+    tl.store(ptr, values.to(ptr.dtype.element_ty), mask=mask)
