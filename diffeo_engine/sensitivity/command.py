@@ -1,0 +1,318 @@
+"""``diffeo-engine sensitivity``: D_k, G_k, R_k of a network on a data set, to JSON/CSV/PNG.
+
+The model is a registry name (``diffeo_engine.models.get_model``, including
+``torchvision:NAME`` / ``timm:NAME``) or ``module.path:factory`` (also ``file.py:factory``);
+weights come from ``torch.load(..., weights_only=True)`` or a ``.safetensors`` file; the data
+from :func:`diffeo_engine.data.sources.open_source` (``.npy``/``.npz``, an image folder,
+``torchvision:NAME:ROOT[:SPLIT]``). ``--out DIR`` receives ``sensitivity.json``,
+``sensitivity.csv`` and ``sensitivity.png`` (the plot when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["add_command", "build_model", "load_weights", "run"]
+
+_REGISTRY_PREFIXES = ("torchvision", "timm")
+
+
+def _parse_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse_kwargs(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--model-arg: expected KEY=VALUE, got {item!r}")
+        out[key] = _parse_value(value)
+    return out
+
+
+def _import_factory(spec: str):
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise ValueError(f"--model: expected NAME or module.path:factory, got {spec!r}")
+    if target.endswith(".py"):
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--model: no such file: {path}")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as error:
+            raise ValueError(f"--model: cannot import module {target!r}: {error}") from error
+    try:
+        factory = getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"--model: module {target!r} has no attribute {attr!r}") from None
+    if not callable(factory):
+        raise TypeError(f"--model: {spec!r} is not callable")
+    return factory
+
+
+def build_model(spec: str, kwargs: dict | None = None, seed: int | None = None) -> nn.Module:
+    """A registry name, or ``module.path:factory`` / ``file.py:factory`` called with kwargs."""
+    kwargs = dict(kwargs or {})
+    prefix, sep, _ = spec.partition(":")
+    if sep and prefix not in _REGISTRY_PREFIXES:
+        factory = _import_factory(spec)
+        if seed is None:
+            model = factory(**kwargs)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = factory(**kwargs)
+    else:
+        try:
+            from diffeo_engine.models import get_model
+        except ImportError as error:
+            raise ValueError(
+                "--model: the model registry (diffeo_engine.models.get_model) is not available "
+                f"({error}); give module.path:factory instead"
+            ) from error
+        model = get_model(spec, seed=seed, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"--model: {spec!r} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict: ``.safetensors`` through safetensors, anything else through
+    ``torch.load(weights_only=True)`` (a ``{"state_dict": ...}`` wrapper is unwrapped)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--weights: no such file: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as error:
+            raise ValueError(
+                "--weights: reading .safetensors needs the safetensors package"
+            ) from error
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"--weights: expected a state dict in {path}, got {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"--weights: {path} does not fit the model: {error}") from error
+
+
+def _open_data(spec: str):
+    """The data source: :func:`diffeo_engine.data.sources.open_source`."""
+    from diffeo_engine.data.sources import open_source
+
+    return open_source(spec)
+
+
+class Normalize:
+    """``(x * scale - mean) / std`` per channel: the CLI's preprocessing."""
+
+    def __init__(self, scale: float, mean: list[float] | None, std: list[float] | None) -> None:
+        self.scale, self.mean, self.std = scale, mean, std
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        out = batch * self.scale if self.scale != 1.0 else batch
+        shape = (1, -1) + (1,) * (batch.dim() - 2)
+        if self.mean is not None:
+            out = out - torch.tensor(self.mean, dtype=out.dtype, device=out.device).view(shape)
+        if self.std is not None:
+            out = out / torch.tensor(self.std, dtype=out.dtype, device=out.device).view(shape)
+        return out
+
+    def __repr__(self) -> str:
+        return f"Normalize(scale={self.scale}, mean={self.mean}, std={self.std})"
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    table = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    table["float64"] = torch.float64
+    if name not in table:
+        raise ValueError(f"expected one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def add_command(subparsers) -> argparse.ArgumentParser:
+    """Register ``sensitivity`` on an ``argparse`` subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "sensitivity",
+        help="measure D_k, G_k, R_k layer by layer and write JSON/CSV/PNG",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--model", required=True, help="registry name or module.path:factory")
+    p.add_argument(
+        "--model-arg", action="append", metavar="KEY=VALUE", help="keyword for the factory"
+    )
+    p.add_argument("--weights", help="state dict: torch.save file or .safetensors")
+    p.add_argument("--data", required=True, help=".npy/.npz, image folder, torchvision:NAME:ROOT")
+    p.add_argument(
+        "--layers", nargs="+", default=None, metavar="PATTERN",
+        help="glob patterns over module names, 'type:Conv2d', 'leaves' (default), 'input'",
+    )  # fmt: skip
+    p.add_argument(
+        "--T", type=float, nargs="+", default=None,
+        help="temperature(s); default: the geometric middle of temperature_range",
+    )  # fmt: skip
+    p.add_argument("--cut", type=int, nargs="+", default=[3], help="cut-off(s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="sensitivity", help="folder for the JSON/CSV/PNG")
+    p.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    p.add_argument("--reduce", default="full", choices=("full", "channel_mean", "spatial_mean"))
+    p.add_argument("--per-image", type=int, default=1, help="perturbations per image (K)")
+    p.add_argument("--noise", default="matched", help="'matched' or a fixed sigma")
+    p.add_argument("--interp", default="bilinear", choices=("bilinear", "nearest"))
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--error-groups", type=int, default=10, help="jackknife groups")
+    p.add_argument(
+        "--scale", default="auto",
+        help="multiply images by this before the model ('auto': 1/255 for uint8 data)",
+    )  # fmt: skip
+    p.add_argument("--mean", type=float, nargs="+", default=None, help="per-channel mean")
+    p.add_argument("--std", type=float, nargs="+", default=None, help="per-channel std")
+    p.add_argument("--dtype", default=None, choices=("float32", "float64"), help="model dtype")
+    p.add_argument("--autocast", default=None, choices=("float16", "bfloat16"))
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--train-mode", action="store_true", help="keep the model in train mode")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(run=run)
+    return p
+
+
+def _settings(args, shape: tuple[int, ...]) -> list[tuple[float, int]]:
+    cuts = args.cut
+    if args.T is not None:
+        return [(T, cut) for cut in cuts for T in args.T]
+    from diffeo_engine.physics import temperature_range
+
+    side = math.sqrt(shape[-1] * shape[-2]) if len(shape) >= 2 else shape[-1]
+    out = []
+    for cut in cuts:
+        T_min, T_max = temperature_range(side, cut)
+        out.append((math.sqrt(T_min * T_max), cut))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the ``sensitivity`` subcommand; returns the exit status."""
+    from diffeo_engine.sensitivity.meter import SensitivityMeter
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    noise = args.noise if args.noise == "matched" else float(args.noise)
+    device = torch.device(args.device)
+    source = _open_data(args.data)
+    n = len(source) if args.limit is None else min(args.limit, len(source))
+    if n < 2:
+        raise ValueError(f"--data: expected at least two images, got {n}")
+    model = build_model(args.model, _parse_kwargs(args.model_arg), seed=args.seed)
+    if args.weights:
+        load_weights(model, args.weights)
+    model = model.to(device=device, dtype=_dtype(args.dtype))
+    model.train(args.train_mode)
+    first = source.batch(0, 1)
+    if args.scale == "auto":
+        scale = 1.0 / 255.0 if first.dtype == torch.uint8 else 1.0
+    else:
+        scale = float(args.scale)
+    preprocess = None
+    if scale != 1.0 or args.mean is not None or args.std is not None:
+        preprocess = Normalize(scale, args.mean, args.std)
+    settings = _settings(args, tuple(source.shape))
+    meter = SensitivityMeter(
+        model,
+        layers=args.layers,
+        settings=settings,
+        noise=noise,
+        reduce=args.reduce,
+        seed=args.seed,
+        perturbations_per_image=args.per_image,
+        interp=args.interp,
+        backend=args.backend,
+        autocast_dtype=_dtype(args.autocast),
+        channels_last=args.channels_last,
+        progress=False if args.no_progress else n,
+        error_groups=args.error_groups,
+        preprocess=preprocess,
+    )
+    with meter:
+        for start in range(0, n, args.batch_size):
+            stop = min(start + args.batch_size, n)
+            meter.update(source.batch(start, stop).to(device))
+    result = meter.compute()
+    result.settings.update(
+        {
+            "command": "sensitivity",
+            "model_spec": args.model,
+            "model_args": _parse_kwargs(args.model_arg),
+            "weights": args.weights,
+            "data": args.data,
+            "limit": args.limit,
+            "batch_size": args.batch_size,
+        }
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.to_json(out / "sensitivity.json")
+    result.to_csv(out / "sensitivity.csv")
+    written = ["sensitivity.json", "sensitivity.csv"]
+    if not args.no_plot:
+        try:
+            result.plot(out / "sensitivity.png")
+            written.append("sensitivity.png")
+        except ImportError as error:
+            print(f"sensitivity: no plot ({error})", file=sys.stderr)
+    print(result.table())
+    print(f"{n} images, {len(settings)} setting(s); wrote {', '.join(written)} to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the subcommand alone (``python -m diffeo_engine.sensitivity.command ...``)."""
+    parser = argparse.ArgumentParser(prog="diffeo-engine")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_command(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"diffeo-engine sensitivity: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

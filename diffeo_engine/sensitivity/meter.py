@@ -1,0 +1,609 @@
+"""The streaming sensitivity meter: ``D_k``, ``G_k``, ``R_k`` of design.md section 2.
+
+Each :meth:`SensitivityMeter.update` perturbs the batch (through :func:`ops.perturb`, so the
+fused kernel on GPU, or through the user's :class:`~diffeo_engine.transforms.Perturbation`),
+makes *one* forward pass over ``cat([x, tau x, x + eta])`` under ``torch.no_grad``, and lets
+forward hooks fold every measured activation into float64 sums
+(:mod:`diffeo_engine.sensitivity.stats`). Nothing per image is kept, so memory does not
+grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import diffeo_engine
+from diffeo_engine import ops
+from diffeo_engine.physics import check_cut, check_ids, check_images, check_seed, check_T
+from diffeo_engine.sensitivity.hooks import (
+    INPUT,
+    OUTPUT,
+    LayerHooks,
+    first_tensor,
+    select_modules,
+)
+from diffeo_engine.sensitivity.result import LayerRecord, SensitivityResult
+from diffeo_engine.sensitivity.stats import SiteStats
+
+__all__ = ["REDUCTIONS", "NonFiniteActivationError", "SensitivityMeter", "reduce_features"]
+
+REDUCTIONS = ("full", "channel_mean", "spatial_mean")
+
+
+class NonFiniteActivationError(ValueError):
+    """A measured activation held NaN or inf; the message names the layer."""
+
+
+def reduce_features(values: torch.Tensor, reduce: str) -> torch.Tensor:
+    """``(B, C, *positions)`` to the measured ``(B, F)``: as is (``full``), averaged over
+    channels (``channel_mean``, dim 1), or averaged over positions (``spatial_mean``,
+    dims 2 and up). ``(B, F)`` activations have no positions; ``(B,)`` ones are ``(B, 1)``.
+    """
+    if values.dim() == 1:
+        values = values[:, None]
+    if reduce == "channel_mean":
+        values = values.mean(dim=1, keepdim=values.dim() == 2)
+    elif reduce == "spatial_mean" and values.dim() > 2:
+        values = values.mean(dim=tuple(range(2, values.dim())))
+    return values.reshape(values.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class _Setting:
+    label: str
+    T: float | None
+    cut: int | None
+    perturbation: Callable | None  # None: the built-in max-entropy pair through ops
+
+
+class _HookFailure(Exception):
+    """Carries an error raised by the meter's own hook through the model's forward."""
+
+
+class _Progress:
+    """A progress line on stderr (tqdm when installed)."""
+
+    def __init__(self, total: int | None) -> None:
+        self.total, self.done, self.start, self.last = total, 0, time.perf_counter(), 0.0
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, unit="img", desc="sensitivity", file=sys.stderr)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last < 0.2 and self.done != self.total:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        of = f"/{self.total}" if self.total else ""
+        sys.stderr.write(f"\rsensitivity: {self.done}{of} images, {rate:.1f} img/s")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.done:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+        self.done = 0
+
+
+def _model_tensor(model: nn.Module) -> torch.Tensor | None:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor
+    return None
+
+
+def _model_float_dtype(model: nn.Module) -> torch.dtype | None:
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+class SensitivityMeter:
+    """Stream images through ``model`` and measure ``D_k``, ``G_k``, ``R_k`` per layer.
+
+    Arguments:
+        layers: glob patterns over ``named_modules()`` names, module types (``nn.Conv2d``
+            or ``"type:Conv2d"``), ``"leaves"`` (default: every module without children),
+            and ``"input"``; the network output is always measured, as ``"output"``.
+        T, cut: one setting of the max-entropy perturbation; or ``settings=[(T, cut), ...]``
+            to sweep several in the same pass over the data (settings sharing ``cut`` are one
+            launch of the perturbation, with a per-image ``T``).
+        perturbation: instead of ``T, cut``, any callable ``(images, ids) -> (tau x, x+eta)``
+            (:class:`~diffeo_engine.transforms.Perturbation`), or a list of them to sweep;
+            this is how 1D inputs ``(B, C, L)`` are measured.
+        noise: ``"matched"`` or a fixed sigma (design.md section 2).
+        reduce: ``"full"``, ``"channel_mean"`` or ``"spatial_mean"`` (:func:`reduce_features`).
+        seed, perturbations_per_image: image id ``i`` is perturbed ``K`` times, with the
+            perturbation ids ``i * K + k``; its clean representation counts once. With
+            ``ids=None`` an image's id is its position in the stream (0, 1, 2, ...).
+        error_groups: ``G``, the number of interleaved groups of images of the
+            delete-one-group jackknife that gives every ``*_err`` (image number ``n`` of
+            the stream goes to group ``n mod G``). Memory is ``G`` times each layer's size.
+        autocast_dtype: run the forward pass under ``torch.autocast`` with this dtype.
+        channels_last: convert the model (in place) and the 4D batches to channels_last.
+        input_dtype: the dtype fed to the model; default that of its first floating
+            parameter (so a float64 model gets float64 images); uint8 images are
+            converted to float with their 0..255 values (normalise in ``preprocess``).
+        preprocess: a callable applied to the concatenated batch just before the forward
+            pass (normalisation, say); the ``"input"`` pseudo-layer sees its output.
+        progress: ``True`` or the expected number of images: a progress line on stderr.
+
+    The model's train/eval mode is left as the user set it. In train mode, BatchNorm
+    normalises with the statistics of the concatenated ``(1 + 2 S K) B`` batch, which
+    mixes clean and perturbed images (and updates its running statistics with them):
+    the measured representation then depends on the perturbations in the batch. Call
+    ``model.eval()`` first for the published measurement. Dropout likewise.
+
+    Use as a context manager (``with SensitivityMeter(...) as meter:``) or call
+    :meth:`close` to take the hooks off.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers=None,
+        T=None,
+        cut: int | None = None,
+        *,
+        noise="matched",
+        reduce: str = "full",
+        seed: int = 0,
+        perturbations_per_image: int = 1,
+        perturbation=None,
+        settings: Sequence[tuple[float, int]] | None = None,
+        interp: str = "bilinear",
+        backend: str = "auto",
+        autocast_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        progress: bool | int = False,
+        error_groups: int = 10,
+        input_dtype: torch.dtype | None = None,
+        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"reduce: expected one of {REDUCTIONS}, got {reduce!r}")
+        K = perturbations_per_image
+        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+            raise ValueError(f"perturbations_per_image: expected an integer >= 1, got {K!r}")
+        if isinstance(error_groups, bool) or not isinstance(error_groups, int) or error_groups < 1:
+            raise ValueError(f"error_groups: expected an integer >= 1, got {error_groups!r}")
+        if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
+            raise TypeError(f"autocast_dtype: expected a torch.dtype, got {autocast_dtype!r}")
+        if input_dtype is not None and not (
+            isinstance(input_dtype, torch.dtype) and input_dtype.is_floating_point
+        ):
+            raise TypeError(f"input_dtype: expected a floating torch.dtype, got {input_dtype!r}")
+        self.model = model
+        self.seed = check_seed(seed)
+        self.K, self.reduce, self.noise = K, reduce, noise
+        self.interp, self.backend = interp, backend
+        self.autocast_dtype, self.channels_last = autocast_dtype, bool(channels_last)
+        self.input_dtype, self.preprocess = input_dtype, preprocess
+        self.error_groups = error_groups
+        self._layers_spec = layers
+        self._settings = self._make_settings(T, cut, settings, perturbation)
+        modules, self._want_input = select_modules(model, layers)
+        names = {name for name, _ in modules}
+        self._input_name = INPUT if INPUT not in names else "<input>"
+        self._output_name = OUTPUT if OUTPUT not in names else "<output>"
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self._hooks = LayerHooks(modules, self._observe)
+        self._closed = False
+        self._stats: dict[str, SiteStats] = {}
+        self._meta: dict[str, tuple[str, list[int]]] = {}  # site -> (type, shape)
+        self._order: list[str] = []
+        self._pending: dict[str, dict] = {}
+        self._batch_info: tuple | None = None
+        self._n_seen = 0
+        self._mode: str | None = None
+        self._image_info: dict = {}
+        total = progress if isinstance(progress, int) and not isinstance(progress, bool) else None
+        self._progress = _Progress(total) if progress else None
+
+    # ----------------------------------------------------------------------- settings
+
+    def _make_settings(self, T, cut, settings, perturbation) -> list[_Setting]:
+        if perturbation is not None:
+            if settings is not None:
+                raise ValueError("settings: give either settings=[(T, cut), ...] or perturbation")
+            many = isinstance(perturbation, (list, tuple))
+            chosen = list(perturbation) if many else [perturbation]
+            if not chosen:
+                raise ValueError("perturbation: expected a callable or a non-empty list of them")
+            out = []
+            for p in chosen:
+                if not callable(p):
+                    raise TypeError(
+                        "perturbation: expected a callable (images, ids) -> (tau x, x + eta), "
+                        f"got {type(p).__name__}"
+                    )
+                pT, pcut = getattr(p, "T", T), getattr(p, "cut", cut)
+                pT = float(pT) if isinstance(pT, (int, float)) else None
+                pcut = int(pcut) if isinstance(pcut, int) else None
+                label = type(p).__name__ if pT is None else f"T={pT:.4g}, cut={pcut}"
+                out.append(_Setting(label, pT, pcut, p))
+            labels = [s.label for s in out]
+            if len(set(labels)) < len(labels):
+                out = [
+                    _Setting(f"{s.label} #{i}", s.T, s.cut, s.perturbation)
+                    for i, s in enumerate(out)
+                ]
+            return out
+        if settings is None:
+            if T is None or cut is None:
+                raise ValueError(
+                    "T, cut: expected a temperature and a cut-off (or settings=[(T, cut), ...], "
+                    "or perturbation=...)"
+                )
+            settings = [(T, cut)]
+        elif T is not None or cut is not None:
+            raise ValueError("settings: give either T and cut, or settings=[(T, cut), ...]")
+        out, seen = [], set()
+        for item in settings:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise TypeError(f"settings: expected (T, cut) pairs, got {item!r}")
+            sT, scut = item
+            if torch.is_tensor(sT):
+                raise TypeError("T: expected a float per setting (a sweep takes settings=[...])")
+            check_T(sT, 1, torch.device("cpu"))
+            scut = check_cut(scut)
+            key = (float(sT), scut)
+            if key in seen:
+                raise ValueError(f"settings: (T={sT}, cut={scut}) given twice")
+            seen.add(key)
+            out.append(_Setting(f"T={float(sT):.4g}, cut={scut}", float(sT), scut, None))
+        # noise / interp / backend are checked once here, through ops, on a tiny image
+        probe = torch.zeros(1, 1, 2, 2)
+        for s in out:
+            ops.perturb(
+                probe, s.T, s.cut, seed=self.seed, noise=self.noise, interp=self.interp,
+                backend=self.backend,
+            )  # fmt: skip
+        return out
+
+    # ------------------------------------------------------------------------- update
+
+    def __enter__(self) -> SensitivityMeter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Take the hooks off the model (the sums stay: :meth:`compute` still works)."""
+        self._hooks.remove()
+        self._closed = True
+        if self._progress is not None:
+            self._progress.close()
+
+    def reset(self) -> None:
+        """Forget every image seen so far (the hooks stay)."""
+        self._stats.clear()
+        self._meta.clear()
+        self._order.clear()
+        self._n_seen = 0
+
+    @property
+    def count(self) -> int:
+        """The number of images seen so far."""
+        return self._n_seen
+
+    def _perturb(
+        self, images: torch.Tensor, ids: torch.Tensor
+    ) -> list[tuple[int, int, torch.Tensor]]:
+        """Every perturbed copy: ``(setting, kind, batch)`` for ``k`` in order, kind 0 then 1."""
+        K, B = self.K, images.shape[0]
+        pids = [ids * K + k for k in range(K)]
+        out: list[tuple[int, int, torch.Tensor]] = []
+        builtin: dict[int, list[int]] = {}
+        for index, s in enumerate(self._settings):
+            if s.perturbation is None:
+                builtin.setdefault(s.cut, []).append(index)
+                continue
+            for k in range(K):
+                pair = s.perturbation(images, pids[k])
+                if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                    raise TypeError(
+                        "perturbation: expected it to return (tau x, x + eta), "
+                        f"got {type(pair).__name__}"
+                    )
+                for kind, part in enumerate(pair):
+                    if not torch.is_tensor(part) or part.shape != images.shape:
+                        got = tuple(part.shape) if torch.is_tensor(part) else type(part).__name__
+                        raise ValueError(
+                            f"perturbation: expected outputs of shape {tuple(images.shape)} "
+                            f"(the images'), got {got}"
+                        )
+                    out.append((index, kind, part))
+        if builtin:
+            check_images(images)
+            out_dtype = torch.float32 if images.dtype == torch.uint8 else None
+        for cut, members in builtin.items():
+            # one launch per cut: images repeated per (setting, k), per-image T
+            reps = len(members) * K
+            batch = images.repeat(reps, *([1] * (images.dim() - 1)))
+            T = torch.tensor(
+                [self._settings[i].T for i in members], dtype=torch.float32, device=images.device
+            ).repeat_interleave(K * B)
+            all_ids = torch.cat(pids).repeat(len(members))
+            tau, noisy = ops.perturb(
+                batch, T, cut, seed=self.seed, ids=all_ids, noise=self.noise,
+                interp=self.interp, out_dtype=out_dtype, backend=self.backend,
+            )  # fmt: skip
+            for m, index in enumerate(members):
+                for k in range(K):
+                    chunk = slice((m * K + k) * B, (m * K + k + 1) * B)
+                    out.append((index, 0, tau[chunk]))
+                    out.append((index, 1, noisy[chunk]))
+        return out
+
+    def _check_device(self, images: torch.Tensor) -> None:
+        reference = _model_tensor(self.model)
+        if reference is not None and reference.device != images.device:
+            raise ValueError(
+                f"images: expected a tensor on {reference.device} (the model's device), "
+                f"got {images.device}; move the model or the images"
+            )
+
+    def update(self, images: torch.Tensor, ids=None) -> None:
+        """Fold one batch ``(B, C, H, W)`` (or ``(B, C, L)`` with a ``perturbation``) in.
+
+        ``ids`` (one int per image) key the perturbations; default: the images' positions
+        in the stream, ``count .. count + B - 1``.
+        """
+        if self._closed:
+            raise RuntimeError("update: the meter is closed (its hooks were removed)")
+        if not torch.is_tensor(images):
+            raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
+        if images.dim() < 2:
+            raise ValueError(f"images: expected a batch (B, C, ...), got {tuple(images.shape)}")
+        B = images.shape[0]
+        if B == 0:
+            return
+        self._check_device(images)
+        if ids is None:
+            ids = torch.arange(self._n_seen, self._n_seen + B, device=images.device)
+        ids = check_ids(ids, B, images.device)
+        if self.K > 1 and int(ids.max()) > (2**63 - 1) // self.K - 1:
+            raise ValueError(
+                f"ids: with perturbations_per_image={self.K} ids must stay below "
+                f"{(2**63 - 1) // self.K} (perturbation ids are id * K + k)"
+            )
+        with torch.no_grad():
+            perturbed = self._perturb(images, ids)
+            clean = images.to(torch.float32) if images.dtype == torch.uint8 else images
+            parts = [clean] + [p for _, _, p in perturbed]
+            dtype = self.input_dtype or _model_float_dtype(self.model)
+            if dtype is None:
+                dtype = clean.dtype if clean.is_floating_point() else torch.float32
+            batch = torch.cat([p.to(dtype) for p in parts])
+            if self.channels_last and batch.dim() == 4:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            if self.preprocess is not None:
+                batch = self.preprocess(batch)
+            groups = (
+                torch.arange(self._n_seen, self._n_seen + B, device=images.device)
+                % self.error_groups
+            )
+            onehot = torch.nn.functional.one_hot(groups, self.error_groups).T.to(torch.float64)
+            self._batch_info = (B, [(s, kind) for s, kind, _ in perturbed], onehot)
+            self._pending = {}
+            self._hooks.reset()
+            try:
+                if self._want_input:
+                    self._observe(self._input_name, None, batch)
+                output = self._forward(batch, images)
+                self._observe(self._output_name, self.model, output)
+            except _HookFailure as failure:
+                raise failure.args[0] from None
+            finally:
+                self._batch_info = None
+            self._commit()
+        if self._mode is None:
+            self._mode = "train" if self.model.training else "eval"
+            self._image_info = {
+                "image_shape": list(images.shape[1:]),
+                "image_dtype": str(images.dtype).replace("torch.", ""),
+                "input_dtype": str(batch.dtype).replace("torch.", ""),
+                "device": str(images.device),
+            }
+        self._n_seen += B
+        if self._progress is not None:
+            self._progress.update(B)
+
+    def _forward(self, batch: torch.Tensor, images: torch.Tensor):
+        autocast = (
+            torch.autocast(batch.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        try:
+            with autocast:
+                return self.model(batch)
+        except _HookFailure:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            parts = 1 + 2 * len(self._settings) * self.K
+            raise ValueError(
+                f"images: the model rejected a batch of shape {tuple(batch.shape)} "
+                f"({parts} parts [x, tau x, x + eta, ...] of {images.shape[0]} images of shape "
+                f"{tuple(images.shape[1:])}): {type(error).__name__}: {error}"
+            ) from error
+
+    def _observe(self, site: str, module: nn.Module | None, value) -> None:
+        """Hook sink: reduce one activation and stage its sums for the batch."""
+        try:
+            self._stage(site, module, value)
+        except (TypeError, ValueError) as error:
+            raise _HookFailure(error) from error
+
+    def _stage(self, site: str, module: nn.Module | None, value) -> None:
+        if self._batch_info is None:
+            return  # the model ran outside update(): not ours to measure
+        B, plan, onehot = self._batch_info
+        value = first_tensor(value, site)
+        parts = 1 + len(plan)
+        if value.dim() == 0 or value.shape[0] != parts * B:
+            raise ValueError(
+                f"layer {site!r}: expected its output's first dimension to be the batch, "
+                f"{parts * B} ({parts} parts of {B}), got shape {tuple(value.shape)}; "
+                "layers that mix the batch dimension cannot be measured"
+            )
+        value = value.detach().reshape(parts, B, *value.shape[1:])
+
+        def features(index: int) -> torch.Tensor:
+            return reduce_features(value[index].to(torch.float64), self.reduce)
+
+        clean = features(0)
+        stats = self._stats.get(site)
+        if stats is None:
+            stats = SiteStats(clean.shape[1], len(self._settings), self.error_groups, clean.device)
+            self._stats[site] = stats
+            kind = "input" if module is None else type(module).__name__
+            if site == self._output_name:
+                kind = f"output ({type(module).__name__})"
+            self._meta[site] = (kind, list(value.shape[2:]))
+            self._order.append(site)
+        elif clean.shape[1] != stats.n_features:
+            raise ValueError(
+                f"layer {site!r}: its size changed from {stats.n_features} to "
+                f"{clean.shape[1]} features between batches"
+            )
+        perturbed = [(s, kind, features(1 + i)) for i, (s, kind) in enumerate(plan)]
+        self._pending[site] = stats.contributions(clean, perturbed, onehot)
+
+    def _commit(self) -> None:
+        """Refuse the batch if any staged sum is not finite (naming the layer), else add."""
+        if not self._pending:
+            return
+        sites = list(self._pending)
+        flags = torch.stack(
+            [
+                torch.stack(
+                    [
+                        torch.isfinite(self._pending[s]["S2"]).all(),
+                        torch.isfinite(self._pending[s]["num"][:, 0]).all(),
+                        torch.isfinite(self._pending[s]["num"][:, 1]).all(),
+                    ]
+                )
+                for s in sites
+            ]
+        ).cpu()
+        if not bool(flags.all()):
+            row = int((~flags.all(dim=1)).nonzero()[0])
+            which = ["x", "tau x", "x + eta"][int((~flags[row]).nonzero()[0])]
+            self._pending = {}
+            raise NonFiniteActivationError(
+                f"layer {sites[row]!r}: NaN or inf in its activation for {which} "
+                "(this batch was not added)"
+            )
+        for site in sites:
+            self._stats[site].add(self._pending[site])
+        self._pending = {}
+
+    # ------------------------------------------------------------------------ compute
+
+    def compute(self) -> SensitivityResult:
+        """The records, per layer in forward order and per setting, and the settings."""
+        if not self._order:
+            raise RuntimeError("compute: no images yet; call update(images) first")
+        offset = 0 if self._want_input else 1
+        records = []
+        for position, site in enumerate(self._order):
+            stats = self._stats[site]
+            if stats.count < 2:
+                raise ValueError(
+                    f"compute: layer {site!r} saw {stats.count} image(s); the denominator "
+                    "E||f(x) - f(z)||^2 needs at least two"
+                )
+            kind, shape = self._meta[site]
+            for index, setting in enumerate(self._settings):
+                est = stats.estimates(index)
+                records.append(
+                    LayerRecord(
+                        name=site,
+                        depth=position + offset,
+                        type=kind,
+                        shape=shape,
+                        features=stats.n_features,
+                        reduce=self.reduce,
+                        setting=setting.label,
+                        T=setting.T,
+                        cut=setting.cut,
+                        count=stats.count,
+                        perturbations=round(float(stats.M[index].sum())),
+                        **est,
+                    )
+                )
+        return SensitivityResult(records, self.describe())
+
+    def describe(self) -> dict:
+        """The settings, versions and seed that reproduce the run."""
+        model = self.model
+        perturbations = [
+            None if s.perturbation is None else repr(s.perturbation) for s in self._settings
+        ]
+        layers = self._layers_spec
+        if layers is not None and not isinstance(layers, (str, list, tuple)):
+            layers = [layers]
+        if isinstance(layers, (list, tuple)):
+            layers = [x.__name__ if isinstance(x, type) else str(x) for x in layers]
+        return {
+            "seed": self.seed,
+            "settings": [
+                {"label": s.label, "T": s.T, "cut": s.cut, "perturbation": p}
+                for s, p in zip(self._settings, perturbations)
+            ],
+            "noise": self.noise,
+            "reduce": self.reduce,
+            "perturbations_per_image": self.K,
+            "perturbation_ids": "id * K + k",
+            "interp": self.interp,
+            "backend": self.backend,
+            "images": self._n_seen,
+            "layers": layers if layers is not None else "leaves",
+            "model": f"{type(model).__module__}.{type(model).__qualname__}",
+            "model_mode": self._mode,
+            "autocast_dtype": None
+            if self.autocast_dtype is None
+            else str(self.autocast_dtype).replace("torch.", ""),
+            "channels_last": self.channels_last,
+            "preprocess": None if self.preprocess is None else repr(self.preprocess),
+            "errors": f"delete-one-group jackknife over {self.error_groups} interleaved "
+            "groups of images (image n in group n mod G)",
+            "error_groups": self.error_groups,
+            **self._image_info,
+            "versions": {
+                "diffeo_engine": diffeo_engine.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        }
+
+    def __repr__(self) -> str:
+        labels = ", ".join(s.label for s in self._settings)
+        return (
+            f"SensitivityMeter({type(self.model).__name__}, [{labels}], reduce={self.reduce!r}, "
+            f"K={self.K}, images={self._n_seen})"
+        )
