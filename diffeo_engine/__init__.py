@@ -12,6 +12,7 @@ from diffeo_engine.physics import (
     typical_temperature,
 )
 from diffeo_engine.reference import displacement_field, sample_coefficients, warp
+from diffeo_engine.sensitivity import SensitivityMeter, SensitivityResult
 from diffeo_engine.transforms import Diffeo, DiffeoPair, Perturbation
 
 __version__ = "0.1.0"
@@ -20,6 +21,8 @@ __all__ = [
     "Diffeo",
     "DiffeoPair",
     "Perturbation",
+    "SensitivityMeter",
+    "SensitivityResult",
     "__version__",
     "deform",
     "displacement_field",

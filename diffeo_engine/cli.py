@@ -14,8 +14,9 @@ import time
 import torch
 
 import diffeo_engine
-from diffeo_engine import ops
+from diffeo_engine import benchmark, ops
 from diffeo_engine.physics import temperature_range, typical_displacement
+from diffeo_engine.sensitivity import command as sensitivity_command
 
 __all__ = ["build_parser", "main"]
 
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=diffeo_engine.__version__)
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     _add_demo(subparsers)
+    sensitivity_command.add_command(subparsers)
+    benchmark.add_command(subparsers)
     return parser
 
 
