@@ -149,12 +149,15 @@ def coefficient_normals(
     return normal
 
 
-def _lane_normals(seed: int, counter, stream, id_lo, id_hi, lane) -> torch.Tensor:
-    """Normal of ``lane`` (0..3) from the four words at the given counter and stream."""
+def _lane_normals(seed: int, n: int, stream, id_lo, id_hi) -> torch.Tensor:
+    """Normals ``0..n-1`` along a new last axis: normal ``k`` is lane ``k & 3`` at counter
+    ``k >> 2``. One Philox call gives four lanes, so it runs on ``ceil(n / 4)`` counters."""
+    counter = torch.arange((n + 3) // 4, dtype=torch.int64, device=id_lo.device)
     r0, r1, r2, r3 = philox4x32(seed, counter, stream, id_lo, id_hi)
     n0, n1 = box_muller(uniform_from_uint32(r0), uniform_from_uint32(r1))
     n2, n3 = box_muller(uniform_from_uint32(r2), uniform_from_uint32(r3))
-    return torch.where(lane == 0, n0, torch.where(lane == 1, n1, torch.where(lane == 2, n2, n3)))
+    lanes = torch.stack([n0, n1, n2, n3], dim=-1)  # (..., ceil(n / 4), 4)
+    return lanes.flatten(-2)[..., :n]
 
 
 def noise_normals(
@@ -169,10 +172,9 @@ def noise_normals(
     device = ids.device
     c = torch.arange(C, device=device, dtype=torch.int64)[:, None, None]
     y = torch.arange(H, device=device, dtype=torch.int64)[None, :, None]
-    x = torch.arange(W, device=device, dtype=torch.int64)[None, None, :]
-    stream = NOISE_STREAM_BASE + c * H + y
+    stream = NOISE_STREAM_BASE + c * H + y  # (C, H, 1), broadcast over the counters
     id_lo, id_hi = (w[:, None, None, None] for w in _id_words(ids))
-    return _lane_normals(seed, x >> 2, stream, id_lo, id_hi, x & 3)
+    return _lane_normals(seed, W, stream, id_lo, id_hi)
 
 
 def stream_normals(
@@ -189,9 +191,8 @@ def stream_normals(
     """
     ids = _checked_key(seed, ids, device)
     check_stream(stream, USER_STREAM_BASE)
-    k = torch.arange(n, device=ids.device, dtype=torch.int64)[None, :]
     id_lo, id_hi = (w[:, None] for w in _id_words(ids))
-    return _lane_normals(seed, k >> 2, USER_STREAM_BASE + stream, id_lo, id_hi, k & 3)
+    return _lane_normals(seed, n, USER_STREAM_BASE + stream, id_lo, id_hi)
 
 
 def stream_uniforms(
