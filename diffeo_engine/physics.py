@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 
 __all__ = [
     "check_T",
+    "check_choice",
     "check_cut",
+    "check_float",
     "check_ids",
     "check_images",
+    "check_int",
+    "check_int_or_pair",
     "check_seed",
     "check_stream",
     "mode_mask",
@@ -37,6 +42,51 @@ SEED_LIMIT = 1 << 63
 
 def _is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: int = 1, maximum: int | None = None) -> int:
+    """An integer in ``[minimum, maximum]`` (``bool`` is not an integer here)."""
+    bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+    if not _is_integer(value):
+        raise TypeError(f"{name}: expected an integer {bound}, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name}: expected an integer {bound}, got {value}")
+    return int(value)
+
+
+def check_float(
+    name: str, value, minimum: float = 0.0, *, strict: bool = False, allow_none: bool = False
+):
+    """A finite real number ``>= minimum`` (``> minimum`` when ``strict``)."""
+    if value is None and allow_none:
+        return None
+    op = ">" if strict else ">="
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a finite number {op} {minimum}, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name}: expected a finite number {op} {minimum}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    """One of a fixed set of strings."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    return value
+
+
+def check_int_or_pair(name: str, value, minimum: int = 1) -> tuple[int, int]:
+    """An integer ``n`` (meaning ``(n, n)``) or a pair of integers, each ``>= minimum``."""
+    if _is_integer(value):
+        n = check_int(name, value, minimum)
+        return n, n
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        first, second = value
+        return check_int(f"{name}[0]", first, minimum), check_int(f"{name}[1]", second, minimum)
+    raise TypeError(f"{name}: expected an integer or a pair (H, W) of integers, got {value!r}")
 
 
 def check_seed(seed) -> int:

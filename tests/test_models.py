@@ -1,0 +1,215 @@
+"""The model registry and the papers' networks, checked against hand computations."""
+
+import fnmatch
+import importlib.util
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from diffeo_engine.models import ConstantFilterCNN, ScaleDetectionCNN, get_model, list_models
+from diffeo_engine.models.registry import register_model
+
+IMAGE_MODELS = ["fcn", "lenet", "alexnet"] + [
+    f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")
+] + ["resnet18", "resnet34", "resnet50"]  # fmt: skip
+SIZED = {"fcn", "lenet", "alexnet"}  # these need input_size
+
+
+def test_registry_lists_every_family():
+    names = list_models()
+    assert names == sorted(names)
+    for name in [*IMAGE_MODELS, "constant_filter_cnn", "scale_detection_cnn1d"]:
+        assert name in names
+    assert "scale_detection_cnn2d" in names
+    assert list_models("vgg*_bn") == ["vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"]
+
+
+@pytest.mark.parametrize("name", IMAGE_MODELS)
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_image_models_forward(name, shape):
+    kwargs = dict(in_channels=shape[0], num_classes=7)
+    if name in SIZED:
+        kwargs["input_size"] = shape[1]
+    if name.startswith(("vgg", "resnet")):
+        kwargs["width"] = 8  # a thin net: same graph, fast
+    model = get_model(name, seed=0, **kwargs).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, *shape))
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+
+
+def test_layer_names_are_meaningful_and_relus_not_shared():
+    vgg = get_model("vgg11_bn", width=8)
+    names = dict(vgg.named_modules())
+    assert isinstance(names["features.0"], nn.Conv2d)
+    assert isinstance(names["features.1"], nn.BatchNorm2d)
+    assert isinstance(names["features.2"], nn.ReLU)
+    resnet = get_model("resnet18", width=8)
+    names = dict(resnet.named_modules())
+    assert {"layer1.0", "layer4.1", "layer1.0.relu1", "fc"} <= set(names)
+    assert fnmatch.filter(names, "layer?.?") == [
+        f"layer{i}.{j}" for i in range(1, 5) for j in (0, 1)
+    ]
+    # every module appears once: a hook on any fires once per forward
+    ids = [id(m) for _, m in resnet.named_modules(remove_duplicate=False)]
+    assert len(ids) == len(set(ids))
+    calls = []
+    resnet.layer1[0].relu1.register_forward_hook(lambda *a: calls.append(1))
+    resnet.eval()(torch.randn(1, 3, 32, 32))
+    assert len(calls) == 1
+
+
+def test_seed_makes_weights_reproducible_without_touching_global_rng():
+    state = torch.random.get_rng_state()
+    a = get_model("lenet", seed=5)
+    b = get_model("lenet", seed=5)
+    c = get_model("lenet", seed=6)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a.features[0].weight, b.features[0].weight)
+    assert not torch.equal(a.features[0].weight, c.features[0].weight)
+
+
+# ----------------------------------------------------------------------------- constant filter
+
+
+def _one_hot(L, p):
+    x = torch.zeros(1, 1, L, dtype=torch.float64)
+    x[0, 0, p] = 1.0
+    return x
+
+
+@pytest.mark.parametrize("p", [0, 5, 37, 63])
+def test_constant_filter_stride2_sums_blocks(p):
+    """f = s = 2: weights 1, layer k holds the one-hot at p // 2^k (value 1)."""
+    L, depth = 64, 6
+    net = ConstantFilterCNN(depth, 2, 2).double()
+    x = _one_hot(L, p)
+    h = net.input_relu(x)
+    for k, layer in enumerate(net.features, start=1):
+        h = layer(h)
+        expected = torch.zeros(L // 2**k, dtype=torch.float64)
+        expected[p // 2**k] = 1.0
+        assert torch.equal(h[0, 0], expected)
+
+
+@pytest.mark.parametrize("p", [0, 10, 31])
+def test_constant_filter_stride1_is_binomial(p):
+    """f = 2, s = 1, weights 1/2, circular: out_k[i] = 2^-k sum_j C(k, j) [i + j = p mod L]."""
+    L, depth = 32, 5
+    net = ConstantFilterCNN(depth, 2, 1).double()
+    h = _one_hot(L, p)
+    for k, layer in enumerate(net.features, start=1):
+        h = layer(h)
+        expected = torch.zeros(L, dtype=torch.float64)
+        for i in range(L):
+            for j in range(k + 1):
+                if (i + j) % L == p:
+                    expected[i] += math.comb(k, j) / 2**k
+        torch.testing.assert_close(h[0, 0], expected, rtol=0, atol=1e-15)
+
+
+def test_constant_filter_weights_and_input_relu():
+    net = get_model("constant_filter_cnn", depth=3, filter_size=4, stride=2)
+    for layer in net.features:
+        assert torch.equal(layer.weight, torch.full((1, 1, 4), 0.5))
+        assert not layer.weight.requires_grad
+    x = torch.tensor([[[1.0, -2.0, 3.0, -4.0, 0.5, -0.5, 2.0, 1.0]]])
+    torch.testing.assert_close(net(x), net(x.clamp(min=0)))  # the input ReLU rectifies
+    plain = get_model("constant_filter_cnn", depth=1, filter_size=2, stride=2, rectify_input=False)
+    y = plain(x)  # relu((x0 + x1) * 1)
+    torch.testing.assert_close(y, torch.tensor([[[0.0, 0.0, 0.0, 3.0]]]))
+    assert net(torch.zeros(2, 1, 8)).shape == (2, 1, 1)
+    assert get_model("constant_filter_cnn", depth=2, padding="none")(torch.ones(1, 1, 9)).shape == (
+        1,
+        1,
+        2,
+    )
+
+
+# ----------------------------------------------------------------------------- scale detection
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_scale_detection_cnn_shapes_and_layer(dim, activation):
+    name = f"scale_detection_cnn{dim}d"
+    net = get_model(name, seed=0, width=8, depth=4, activation=activation)
+    L = 32
+    x = torch.randn(3, 1, *(L,) * dim)
+    assert net(x).shape == (3,)
+    # one layer by hand: circular pad (0 left, 1 right), conv / sqrt(fan_in) + b, gain * act
+    layer = net.features[0]
+    pad = (0, 1) * dim
+    xp = torch.nn.functional.pad(x, pad, mode="circular")
+    conv = torch.nn.functional.conv1d if dim == 1 else torch.nn.functional.conv2d
+    fan_in = 2**dim
+    pre = conv(xp, layer.weight / math.sqrt(fan_in), layer.bias, stride=2)
+    act = torch.relu if activation == "relu" else torch.tanh
+    gain = math.sqrt(2) if activation == "relu" else 1.7159
+    torch.testing.assert_close(layer(x), gain * act(pre))
+    assert layer(x).shape == (3, 8, *(L // 2,) * dim)
+    multi = get_model(name, width=8, depth=2, out_dim=3, readout="mean_field", pooling="max")
+    assert multi(x).shape == (3, 3)
+
+
+def test_mean_field_readout():
+    net = ScaleDetectionCNN(1, width=6, depth=2, readout="mean_field", alpha=0.5)
+    x = torch.randn(4, 1, 16)
+    y = net.pool(net.features(x)).flatten(1)
+    expected = 0.5 * (y @ net.readout.beta / 6 + net.readout.bias)
+    torch.testing.assert_close(net(x), expected[:, 0])
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_unknown_name_lists_available():
+    with pytest.raises(ValueError, match="unknown model 'vgg12'.*available: .*vgg11"):
+        get_model("vgg12")
+    with pytest.raises(TypeError, match="name"):
+        get_model(3)
+    with pytest.raises(ValueError, match="name"):
+        get_model("keras:resnet")
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(TypeError, match="depht: not an argument of model 'vgg11'"):
+        get_model("vgg11", depht=3)
+    with pytest.raises(ValueError, match="activation"):
+        get_model("scale_detection_cnn1d", activation="gelu")
+    with pytest.raises(TypeError, match="width"):
+        get_model("scale_detection_cnn1d", width=2.5)
+    with pytest.raises(ValueError, match="depth"):
+        get_model("constant_filter_cnn", depth=0)
+    with pytest.raises(ValueError, match="input_size"):
+        get_model("lenet", input_size=8)
+    with pytest.raises(ValueError, match="seed"):
+        get_model("lenet", seed=-1)
+    with pytest.raises(ValueError, match="x: expected"):
+        get_model("constant_filter_cnn")(torch.zeros(2, 8))
+
+
+def test_register_model():
+    @register_model("_test_tiny")
+    def tiny(width: int = 2):
+        return nn.Linear(width, 1)
+
+    assert "_test_tiny" in list_models()
+    assert get_model("_test_tiny", width=3).in_features == 3
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("_test_tiny")(lambda: nn.Identity())
+    with pytest.raises(ValueError, match="name"):
+        register_model("a:b")(tiny)
+
+
+@pytest.mark.parametrize("package", ["torchvision", "timm"])
+def test_external_packages(package):
+    if importlib.util.find_spec(package) is None:
+        with pytest.raises(ImportError, match=f"pip install {package}"):
+            get_model(f"{package}:resnet18")
+    else:  # built without weights: nothing is downloaded
+        model = get_model(f"{package}:resnet18", num_classes=3)
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)

@@ -1,0 +1,124 @@
+"""The trainer: losses by hand, learning a separable problem, determinism, weight files."""
+
+import pytest
+import torch
+from torch import nn
+
+from diffeo_engine.data.scale_detection import ScaleDetection
+from diffeo_engine.models import get_model
+from diffeo_engine.models.train import evaluate, hinge_loss, load_weights, save_weights, train
+
+
+def _separable(n=128, seed=0):
+    """Gaussian points labelled by a hyperplane, those within 0.5 of it left out."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(4 * n, 5, generator=g)
+    w = torch.tensor([1.0, -2.0, 0.5, 0.0, 1.5])
+    X = X[(X @ w).abs() > 0.5][:n]
+    return X, torch.where(X @ w > 0, 1.0, -1.0)
+
+
+def _linear(seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Linear(5, 1)
+
+
+def test_hinge_loss_by_hand():
+    out = torch.tensor([2.0, 0.5, -1.0, 0.0])
+    y = torch.tensor([1.0, 1.0, 1.0, -1.0])
+    assert float(hinge_loss(out, y)) == pytest.approx((0 + 0.5 + 2 + 1) / 4)
+    assert float(hinge_loss(out[:, None], y)) == pytest.approx(3.5 / 4)
+
+
+@pytest.mark.parametrize("loss", ["hinge", "cross_entropy"])
+def test_train_reduces_loss_on_separable_problem(loss):
+    X, y = _separable()
+    if loss == "cross_entropy":
+        model, targets = nn.Linear(5, 2), (y > 0).long()
+    else:
+        model, targets = _linear(), y
+    before = evaluate(model, (X, targets), loss=loss)
+    history = train(model, (X, targets), loss=loss, epochs=30, batch_size=16, lr=0.1, momentum=0.9)
+    after = evaluate(model, (X, targets), loss=loss)
+    assert after[0] < 0.25 * before[0]
+    assert after[1] <= 0.02
+    assert len(history.loss) == 30 and history.steps == 30 * 8 and history.stopped == "epochs"
+    assert history.loss[-1] < history.loss[0]
+
+
+def test_train_is_deterministic_and_leaves_global_rng():
+    X, y = _separable()
+    state = torch.random.get_rng_state()
+    a, b = _linear(), _linear()
+    ha = train(a, (X, y), steps=25, batch_size=10, lr=0.05, seed=4)
+    hb = train(b, (X, y), steps=25, batch_size=10, lr=0.05, seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a.weight, b.weight) and ha.loss == hb.loss
+    assert ha.steps == 25 and ha.stopped == "steps" and ha.epoch == [1, 2]  # 13 batches/epoch
+    c = _linear()
+    train(c, (X, y), steps=25, batch_size=10, lr=0.05, seed=5)
+    assert not torch.equal(a.weight, c.weight)
+
+
+def test_train_stop_loss_and_test_data():
+    X, y = _separable(256)
+    model = _linear()
+    history = train(
+        model,
+        (X[:192], y[:192]),
+        epochs=200,
+        batch_size=16,
+        lr=0.5,
+        momentum=0.9,
+        test_data=(X[192:], y[192:]),
+        stop_loss=0.0,
+        schedule="cosine",
+    )
+    assert history.stopped == "stop_loss" and history.loss[-1] == 0.0
+    assert len(history.test_error) == len(history.loss)
+    assert history.lr[-1] < 0.5
+
+
+def test_train_scale_detection_dataset():
+    data = ScaleDetection(16, 4, task=2, seed=0)
+    model = get_model("scale_detection_cnn1d", seed=0, width=16, depth=4)
+    history = train(model, data, epochs=3, batch_size=8, lr=0.05, momentum=0.9)
+    assert len(history.loss) == 3 and history.loss[-1] < history.loss[0]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_weights_round_trip(tmp_path, suffix):
+    model = get_model("vgg11_bn", seed=0, width=4)
+    model.train()(torch.randn(4, 3, 32, 32))  # moves the BatchNorm running statistics
+    path = tmp_path / f"w{suffix}"
+    kind = save_weights(model, path)
+    assert kind == ("safetensors" if suffix == ".safetensors" else "torch")
+    if kind == "torch":
+        state = torch.load(path, weights_only=True)
+        assert set(state) == set(model.state_dict())
+    other = load_weights(get_model("vgg11_bn", seed=1, width=4), path)
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+
+
+def test_bad_arguments():
+    X, y = _separable(8)
+    with pytest.raises(ValueError, match="loss"):
+        train(_linear(), (X, y), loss="mse")
+    with pytest.raises(ValueError, match="epochs, steps"):
+        train(_linear(), (X, y), epochs=1, steps=1)
+    with pytest.raises(ValueError, match="lr"):
+        train(_linear(), (X, y), lr=0)
+    with pytest.raises(ValueError, match="targets: the hinge loss expects labels"):
+        train(_linear(), (X, (y > 0).float()))
+    with pytest.raises(ValueError, match="targets: cross-entropy"):
+        train(nn.Linear(5, 2), (X, y), loss="cross_entropy")
+    with pytest.raises(TypeError, match="data"):
+        train(_linear(), X)
+    with pytest.raises(ValueError, match="data: expected as many"):
+        train(_linear(), (X, y[:3]))
+    with pytest.raises(ValueError, match="path"):
+        load_weights(_linear(), "/nonexistent/file.pt")
+    with pytest.raises(ValueError, match="format"):
+        save_weights(_linear(), "x.bin", format="pickle")
