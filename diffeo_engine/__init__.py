@@ -3,6 +3,7 @@
 The public API of design.md section 5, re-exported; nothing is defined here.
 """
 
+from diffeo_engine.generate import generate, load_generated, verify
 from diffeo_engine.ops import deform, perturb
 from diffeo_engine.physics import (
     mode_mask,
@@ -26,6 +27,8 @@ __all__ = [
     "__version__",
     "deform",
     "displacement_field",
+    "generate",
+    "load_generated",
     "mode_mask",
     "perturb",
     "pixel_variance",
@@ -33,5 +36,6 @@ __all__ = [
     "temperature_range",
     "typical_displacement",
     "typical_temperature",
+    "verify",
     "warp",
 ]

@@ -14,7 +14,7 @@ import time
 import torch
 
 import diffeo_engine
-from diffeo_engine import benchmark, ops
+from diffeo_engine import benchmark, generate, ops
 from diffeo_engine.physics import temperature_range, typical_displacement
 from diffeo_engine.sensitivity import command as sensitivity_command
 
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     _add_demo(subparsers)
     sensitivity_command.add_command(subparsers)
+    generate.add_commands(subparsers)
     benchmark.add_command(subparsers)
     return parser
 
