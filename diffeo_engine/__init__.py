@@ -3,7 +3,7 @@
 The public API of design.md section 5, re-exported; nothing is defined here.
 """
 
-from diffeo_engine.generate import generate, load_generated, verify
+from diffeo_engine.generate import load_generated, verify
 from diffeo_engine.ops import deform, perturb
 from diffeo_engine.physics import (
     mode_mask,
@@ -27,7 +27,6 @@ __all__ = [
     "__version__",
     "deform",
     "displacement_field",
-    "generate",
     "load_generated",
     "mode_mask",
     "perturb",
