@@ -13,6 +13,15 @@ run killed at any point resumes from the last listed shard, re-running the same 
 (or ``--resume``) and producing byte-identical files. The manifest holds no timestamps.
 A ``.lock`` file (``flock``) keeps two processes from writing one directory at once.
 
+Under ``torchrun`` (``generate(..., distributed=ctx)``) rank 0 alone validates, holds the
+``.lock`` for the whole job, cleans leftovers and writes the manifest; the shards still
+missing are dealt round-robin to the ranks, each writing its own shard files (distinct
+names, so no lock is needed between them). After each round (one shard per rank) the
+ranks' records are gathered and rank 0 rewrites the manifest, so a killed job loses at
+most one round. Output and manifest are byte-identical to one process's (the manifest
+does not record the number of processes), and any number of processes may resume. On
+several machines ``--out`` must be a directory every rank sees (a shared filesystem).
+
 Throughput: the main thread computes (on the GPU, into pinned host buffers) while a writer
 thread hashes and writes; the two share a pool of two shard buffers, so memory is bounded
 by two shards whatever the size of the data set.
@@ -27,6 +36,7 @@ yet updated), ``manifest-write`` (half of the manifest's temporary file written)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -48,6 +58,7 @@ import torch
 import diffeo_engine
 from diffeo_engine import ops, rng
 from diffeo_engine.data.sources import ImageSource, open_source, parse_resize
+from diffeo_engine.distributed import DistributedContext, DistributedError, distributed_session
 from diffeo_engine.physics import check_cut, check_images, check_interp, check_seed, check_T
 from diffeo_engine.reference import check_noise
 
@@ -346,16 +357,20 @@ class _Progress:
 
 
 class _Writer(threading.Thread):
-    """Writes finished shards in order and updates the manifest after each one.
+    """Writes this rank's finished shards in order and updates the manifest after each one.
+
+    Under several processes the update is per round (one shard per rank): the ranks'
+    records are gathered, every rank adds them to its copy of the manifest and rank 0
+    writes it. A rank with no shard left in a round still joins the gather.
 
     On an error it records it and keeps returning buffers (without writing), so that the
     producer never blocks; the producer checks :attr:`error` before every shard.
     """
 
-    def __init__(self, out: Path, manifest: dict, work, free, fault, extra: dict):
+    def __init__(self, out: Path, manifest: dict, work, free, fault, extra: dict, ctx, bar):
         super().__init__(name="diffeo-engine-writer", daemon=True)
         self.out, self.manifest, self.work, self.free = out, manifest, work, free
-        self.fault, self.extra = fault, extra
+        self.fault, self.extra, self.ctx, self.bar = fault, extra, ctx, bar
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -366,13 +381,40 @@ class _Writer(threading.Thread):
             index, lo, hi, buffers = job
             try:
                 if self.error is None:
-                    self._write(index, lo, hi, buffers)
+                    self._round(index, lo, hi, buffers)
             except BaseException as error:
                 self.error = error
             finally:
-                self.free.put(buffers)
+                if buffers is not None:
+                    self.free.put(buffers)
 
-    def _write(self, index: int, lo: int, hi: int, buffers: dict) -> None:
+    def _round(self, index: int | None, lo: int, hi: int, buffers: dict | None) -> None:
+        ctx = self.ctx
+        entry = failure = None
+        if index is not None:
+            try:
+                entry = self._write(index, lo, hi, buffers)
+            except Exception as error:
+                if not ctx.active:
+                    raise
+                failure = error
+        message = None if failure is None else f"{type(failure).__name__}: {failure}"
+        reports = ctx.all_gather_object((entry, message))
+        entries = [e for e, _ in reports if e is not None]
+        if entries:  # listed even when another rank failed: a resume skips them
+            self._merge(entries)
+        if failure is not None:
+            raise failure
+        for rank, (_, message) in enumerate(reports):
+            if message is not None:
+                raise DistributedError(
+                    f"rank {ctx.rank}: rank {rank} failed writing its shard: {message}"
+                )
+        if index is not None:
+            _fault(self.fault, "between-shards", index)
+
+    def _write(self, index: int, lo: int, hi: int, buffers: dict) -> dict:
+        """Write the shard's files (hashing them); its manifest record."""
         params = self.manifest["parameters"]
         K = params["per_image"]
         kinds = self.manifest["kinds"]
@@ -397,7 +439,7 @@ class _Writer(threading.Thread):
             }
         _fsync_dir(self.out)
         _fault(self.fault, "shard-renamed", index)
-        entry = {
+        return {
             "index": index,
             "id_start": lo,
             "id_stop": hi,
@@ -406,12 +448,19 @@ class _Writer(threading.Thread):
             **self.extra,
             "files": files,
         }
-        shards = [s for s in self.manifest["shards"] if s["index"] != index] + [entry]
-        shards.sort(key=lambda s: s["index"])
-        self.manifest["shards"] = shards
+
+    def _merge(self, entries: list[dict]) -> None:
+        shards = {s["index"]: s for s in self.manifest["shards"]}
+        shards.update((e["index"], e) for e in entries)
+        self.manifest["shards"] = [shards[i] for i in sorted(shards)]
         self.manifest["complete"] = len(shards) == self.manifest["n_shards"]
-        _write_manifest(self.out, self.manifest, self.fault, index)
-        _fault(self.fault, "between-shards", index)
+        if self.ctx.is_main:
+            indices = [e["index"] for e in entries]
+            fault = self.fault
+            shard = fault[1] if fault is not None and fault[1] in indices else indices[0]
+            _write_manifest(self.out, self.manifest, fault, shard)
+        if self.bar is not None:
+            self.bar.update(sum(e["id_stop"] - e["id_start"] for e in entries))
 
 
 # ---------------------------------------------------------------------------- generate
@@ -460,6 +509,7 @@ def generate(
     backend: str | None = None,
     resume: bool = False,
     progress: bool | None = None,
+    distributed: DistributedContext | None = None,
 ) -> dict:
     """Write ``per_image`` perturbations of every image of ``source`` to shards in ``out``.
 
@@ -475,9 +525,92 @@ def generate(
     ``backend`` (default ``"auto"``) are how, not what: they may differ on resuming, and
     default to the run's own (its manifest's ``execution``). Each shard records the backend,
     device type and batch size that computed it. Returns the final manifest.
+
+    ``distributed`` (a :class:`~diffeo_engine.distributed.DistributedContext` of several
+    processes, every one calling ``generate`` with the same arguments): rank 0 checks the
+    parameters, takes the lock and writes the manifest; the shards still to write are dealt
+    round-robin to the ranks, which write their own shard files, and after each round of
+    shards rank 0 adds the round's records to the manifest. The files are byte-identical to
+    a single process's, and a run killed at any point resumes with any number of processes.
     """
     out = Path(out)
     fault = _fault_spec()
+    ctx = distributed if distributed is not None else DistributedContext()
+    given_source = source
+    lock = failure = None
+    try:
+        if ctx.is_main:
+            try:
+                source, old, manifest, batch_size, device, backend = _prepare(
+                    source, out, resume, T, cut, per_image, seed, noise, dtype, shard_size,
+                    interp, resize, batch_size, device, backend,
+                )  # fmt: skip
+                lock, manifest = _claim(out, old, manifest)
+            except BaseException as error:
+                with contextlib.suppress(DistributedError):
+                    ctx.broadcast_object(("error", type(error).__name__, str(error)))
+                raise
+            ctx.broadcast_object(("ok", manifest, batch_size, str(device), backend))
+        else:
+            status = ctx.broadcast_object(None)
+            if status[0] == "error":
+                raise _error_of(status[1])(status[2])
+            _, manifest, batch_size, device, backend = status
+            try:
+                source = _rank_source(given_source, manifest)
+                device = _check_device(device)
+            except (ValueError, TypeError, FileNotFoundError) as error:
+                failure = error
+        # every rank starts, or none: a rank that cannot read the source stops them all
+        failures = ctx.all_gather_object(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if ctx.active and device.type == "cuda":
+            device = torch.device("cuda", ctx.local_rank)  # one GPU per rank
+        for rank, message in enumerate(failures):
+            if message is not None:
+                raise DistributedError(f"rank {ctx.rank}: rank {rank} could not start: {message}")
+        done = {s["index"] for s in manifest["shards"]}
+        todo = [s for s in range(manifest["n_shards"]) if s not in done]
+        if todo:
+            mine = todo[ctx.rank :: ctx.world_size]
+            rounds = math.ceil(len(todo) / ctx.world_size)
+            _run(source, out, manifest, mine, rounds, batch_size, device, backend, fault,
+                 progress, ctx)  # fmt: skip
+    finally:
+        if lock is not None:
+            os.close(lock)
+    return manifest
+
+
+def _error_of(name: str) -> type[Exception]:
+    """The exception type to re-raise on the other ranks for rank 0's refusal."""
+    known = (ValueError, TypeError, FileNotFoundError)
+    return next((kind for kind in known if kind.__name__ == name), DistributedError)
+
+
+def _rank_source(source, manifest: dict) -> ImageSource:
+    """The source of a rank other than 0: its own argument (or the run's spec), checked
+    against the fingerprint rank 0 recorded."""
+    resize = manifest["parameters"]["resize"]
+    if not isinstance(source, ImageSource):
+        spec = manifest["source"]["spec"] if source is None else source
+        source = open_source(spec, resize=tuple(resize) if resize else None)
+    if source.fingerprint() != manifest["source"]["fingerprint"]:
+        raise ValueError(
+            f"input: {source.spec} has fingerprint {source.fingerprint()} here, rank 0 read "
+            f"{manifest['source']['fingerprint']}; every rank needs the same data"
+        )
+    return source
+
+
+def _prepare(
+    source, out, resume, T, cut, per_image, seed, noise, dtype, shard_size, interp, resize,
+    batch_size, device, backend,
+):  # fmt: skip
+    """Validate every parameter against ``out`` (read only): ``(source, old manifest or
+    None, manifest to write, batch_size, device, backend)``."""
+    old = None
     old = None
     if (out / MANIFEST).exists():
         old = read_manifest(out)
@@ -611,6 +744,12 @@ def generate(
             "shards": [],
         }
 
+    return source, old, manifest, batch_size, device, backend
+
+
+def _claim(out: Path, old: dict | None, manifest: dict) -> tuple[int, dict]:
+    """Take the lock on ``out``, write (or re-read) the manifest, remove leftovers of a
+    killed run; ``(lock fd, manifest)``. Only rank 0 does this."""
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock(out)
     try:
@@ -625,13 +764,10 @@ def generate(
         for path in out.iterdir():  # leftovers of a killed run
             if path.name != LOCK and _is_ours(path.name):
                 path.unlink(missing_ok=True)
-        done = {s["index"] for s in manifest["shards"]}
-        todo = [s for s in range(n_shards) if s not in done]
-        if todo:
-            _run(source, out, manifest, todo, batch_size, device, backend, fault, progress)
-    finally:
+    except BaseException:
         os.close(lock)
-    return manifest
+        raise
+    return lock, manifest
 
 
 def _lock(out: Path) -> int:
@@ -648,7 +784,10 @@ def _lock(out: Path) -> int:
     return fd
 
 
-def _run(source, out, manifest, todo, batch_size, device, backend, fault, progress) -> None:
+def _run(
+    source, out, manifest, mine, rounds, batch_size, device, backend, fault, progress, ctx
+) -> None:
+    """Compute this rank's shards ``mine``, one per round for ``rounds`` rounds."""
     params = manifest["parameters"]
     K, S = params["per_image"], params["shard_size"]
     total = manifest["total_images"]
@@ -656,7 +795,7 @@ def _run(source, out, manifest, todo, batch_size, device, backend, fault, progre
     shape = tuple(manifest["image_shape"])
     pinned = device.type == "cuda"
     free: queue.Queue = queue.Queue()
-    for _ in range(2):  # two shard buffers: one filling, one writing; memory stays flat
+    for _ in range(2 if mine else 0):  # two shard buffers: one filling, one writing
         free.put(
             {
                 kind: torch.empty((min(S, total), *shape), dtype=out_dtype, pin_memory=pinned)
@@ -669,12 +808,19 @@ def _run(source, out, manifest, todo, batch_size, device, backend, fault, progre
         "device": device.type,
         "batch_size": batch_size,
     }
-    writer = _Writer(out, manifest, work, free, fault, extra)
     done_images = sum(s["id_stop"] - s["id_start"] for s in manifest["shards"])
-    bar = _Progress(total, done_images, progress)
+    bar = _Progress(total, done_images, progress if ctx.is_main else False)
+    # one process: the bar follows batches; several: rank 0's follows the merged rounds
+    writer = _Writer(out, manifest, work, free, fault, extra, ctx, bar if ctx.active else None)
     writer.start()
     try:
-        for index in todo:
+        for round_ in range(rounds):
+            if round_ >= len(mine):
+                if writer.error is not None:
+                    break
+                work.put((None, 0, 0, None))  # nothing left here: still join the round
+                continue
+            index = mine[round_]
             buffers = free.get()
             if writer.error is not None:
                 break
@@ -686,7 +832,8 @@ def _run(source, out, manifest, todo, batch_size, device, backend, fault, progre
                 outputs = _perturb(images, ids.to(device), params, device, backend)
                 for kind, values in outputs.items():
                     buffers[kind][start - lo : stop - lo].copy_(values, non_blocking=pinned)
-                bar.update(stop - start)
+                if not ctx.active:
+                    bar.update(stop - start)
             if pinned:
                 torch.cuda.current_stream(device).synchronize()
             work.put((index, lo, hi, buffers))
@@ -965,6 +1112,18 @@ def verify(
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    device = args.device
+    if device is None:  # generate's own default, which the process group must know
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        with distributed_session(device, timeout_s=getattr(args, "dist_timeout", None)) as ctx:
+            return _generate_rank(args, ctx)
+    except DistributedError as error:
+        print(f"diffeo-engine generate: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _generate_rank(args: argparse.Namespace, ctx: DistributedContext) -> int:
     try:
         manifest = generate(
             args.input,
@@ -983,12 +1142,15 @@ def _run_generate(args: argparse.Namespace) -> int:
             backend=args.backend,
             resume=args.resume,
             progress=not args.quiet,
+            distributed=ctx,
         )
     except (ValueError, TypeError, FileNotFoundError):
         raise
     except OSError as error:
         print(f"diffeo-engine generate: error: {error}", file=sys.stderr)
         return 1
+    if not ctx.is_main:
+        return 0
     print(
         f"{manifest['total_images']} images in {manifest['n_shards']} shards "
         f"({', '.join(manifest['kinds'])}) in {args.out}; see {MANIFEST}"
@@ -1031,6 +1193,14 @@ def add_commands(subparsers) -> None:
     p.add_argument("--backend", default=None, choices=ops.BACKENDS, help="default auto")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="under torchrun: fail when a rank has not joined a collective after this long "
+        "(default: $DIFFEO_ENGINE_DIST_TIMEOUT, else 300); must exceed one shard's time",
+    )
     p.set_defaults(run=_run_generate)
 
     v = subparsers.add_parser(

@@ -8,10 +8,13 @@ import torch
 import torch.multiprocessing as mp
 
 from diffeo_engine.distributed import (
+    DEFAULT_TIMEOUT_S,
+    TIMEOUT_ENV,
     DistributedContext,
     DistributedError,
     distributed_session,
     in_torchrun,
+    resolve_timeout,
     shard_range,
 )
 
@@ -39,6 +42,10 @@ def _reduce_worker(rank, world_size, port, results):
         partial = torch.tensor([float(sum(share)), 1.0 / 3.0], dtype=torch.float64)
         total = ctx.all_reduce_sum(partial)
         results[rank] = (ctx.rank, ctx.world_size, ctx.backend, list(share), total.tolist())
+        gathered = ctx.all_gather_object({"rank": rank, "share": list(share)})
+        sent = ctx.broadcast_object({"from": rank}, src=ctx.world_size - 1)
+        tensor = ctx.broadcast(torch.full((2,), float(rank), dtype=torch.float64), src=1)
+        results[f"{rank}-objects"] = (gathered, sent, tensor.tolist())
 
 
 def _dying_worker(rank, world_size, port, results):
@@ -71,6 +78,10 @@ def test_ranks_share_the_ids_and_sum_exactly(world_size):
         got_rank, got_world, backend, _, total = results[rank]
         assert (got_rank, got_world, backend) == (rank, world_size, "gloo")
         assert total == [45.0, world_size * (1.0 / 3.0)]
+        gathered, sent, tensor = results[f"{rank}-objects"]
+        assert gathered == [{"rank": r, "share": shares[r]} for r in range(world_size)]
+        assert sent == {"from": world_size - 1}
+        assert tensor == [1.0, 1.0]
 
 
 def test_a_dead_rank_fails_the_others_with_a_clear_error():
@@ -108,3 +119,25 @@ def test_shard_range_is_balanced_and_disjoint():
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
     with pytest.raises(ValueError, match="rank"):
         shard_range(5, 2, 2)
+
+
+def test_a_rank_that_never_starts_fails_the_group_clearly(monkeypatch):
+    for name, value in torchrun_env(0, 2, free_port()).items():
+        monkeypatch.setenv(name, value)
+    session = distributed_session("cpu", timeout_s=1)
+    with pytest.raises(DistributedError, match="could not form the group of 2 processes"):
+        session.__enter__()
+
+
+def test_timeout_from_argument_or_environment(monkeypatch):
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert resolve_timeout() == DEFAULT_TIMEOUT_S
+    assert resolve_timeout(7) == 7.0
+    monkeypatch.setenv(TIMEOUT_ENV, "12.5")
+    assert resolve_timeout() == 12.5
+    assert resolve_timeout(3) == 3.0
+    monkeypatch.setenv(TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match=TIMEOUT_ENV):
+        resolve_timeout()
+    with pytest.raises(ValueError, match="timeout_s"):
+        resolve_timeout(0)

@@ -6,6 +6,10 @@ weights come from ``torch.load(..., weights_only=True)`` or a ``.safetensors`` f
 from :func:`diffeo_engine.data.sources.open_source` (``.npy``/``.npz``, an image folder,
 ``torchvision:NAME:ROOT[:SPLIT]``). ``--out DIR`` receives ``sensitivity.json``,
 ``sensitivity.csv`` and ``sensitivity.png`` (the plot when matplotlib is installed).
+
+Under ``torchrun`` each rank measures a contiguous share of the batches (global image ids
+and positions, so the same perturbations and jackknife groups as one process), the float64
+sums are added with one all-reduce, and rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -209,6 +213,11 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--train-mode", action="store_true", help="keep the model in train mode")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--dist-timeout", type=float, default=None, metavar="SECONDS",
+        help="under torchrun: fail when a rank has not joined a collective after this long "
+        "(default: $DIFFEO_ENGINE_DIST_TIMEOUT, else 300)",
+    )  # fmt: skip
     p.set_defaults(run=run)
     return p
 
@@ -228,13 +237,27 @@ def _settings(args, shape: tuple[int, ...]) -> list[tuple[float, int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the ``sensitivity`` subcommand; returns the exit status."""
-    from diffeo_engine.sensitivity.meter import SensitivityMeter
+    """Run the ``sensitivity`` subcommand (under torchrun: this rank's share); exit status."""
+    from diffeo_engine.distributed import DistributedError, distributed_session
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    timeout = getattr(args, "dist_timeout", None)
+    try:
+        with distributed_session(args.device, timeout_s=timeout) as ctx:
+            return _run(args, ctx)
+    except DistributedError as error:
+        print(f"diffeo-engine sensitivity: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, ctx) -> int:
+    from diffeo_engine.sensitivity.meter import SensitivityMeter
+
     noise = args.noise if args.noise == "matched" else float(args.noise)
     device = torch.device(args.device)
+    if ctx.active and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)  # one GPU per rank
     source = _open_data(args.data)
     n = len(source) if args.limit is None else min(args.limit, len(source))
     if n < 2:
@@ -253,6 +276,10 @@ def run(args: argparse.Namespace) -> int:
     if scale != 1.0 or args.mean is not None or args.std is not None:
         preprocess = Normalize(scale, args.mean, args.std)
     settings = _settings(args, tuple(source.shape))
+    # whole batches per rank: each image meets the same batch, hence the same arithmetic,
+    # as in a single process
+    batches = ctx.shard(math.ceil(n / args.batch_size))
+    share = min(batches.stop * args.batch_size, n) - batches.start * args.batch_size
     meter = SensitivityMeter(
         model,
         layers=args.layers,
@@ -265,15 +292,18 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         autocast_dtype=_dtype(args.autocast),
         channels_last=args.channels_last,
-        progress=False if args.no_progress else n,
+        progress=False if args.no_progress or not ctx.is_main else share,
         error_groups=args.error_groups,
         preprocess=preprocess,
     )
     with meter:
-        for start in range(0, n, args.batch_size):
+        for index in batches:
+            start = index * args.batch_size
             stop = min(start + args.batch_size, n)
-            meter.update(source.batch(start, stop).to(device))
-    result = meter.compute()
+            meter.update(source.batch(start, stop).to(device), start=start)
+    result = meter.compute(distributed=ctx)
+    if not ctx.is_main:
+        return 0
     result.settings.update(
         {
             "command": "sensitivity",
@@ -283,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
             "data": args.data,
             "limit": args.limit,
             "batch_size": args.batch_size,
+            "processes": ctx.world_size,
         }
     )
     out = Path(args.out)
@@ -297,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as error:
             print(f"sensitivity: no plot ({error})", file=sys.stderr)
     print(result.table())
-    print(f"{n} images, {len(settings)} setting(s); wrote {', '.join(written)} to {out}")
+    ranks = f" on {ctx.world_size} processes" if ctx.active else ""
+    print(f"{n} images{ranks}, {len(settings)} setting(s); wrote {', '.join(written)} to {out}")
     return 0
 
 

@@ -6,11 +6,19 @@ makes *one* forward pass over ``cat([x, tau x, x + eta])`` under ``torch.no_grad
 forward hooks fold every measured activation into float64 sums
 (:mod:`diffeo_engine.sensitivity.stats`). Nothing per image is kept, so memory does not
 grow with the number of images.
+
+Scaling out: give each process a contiguous share of the data set, pass every batch's
+global position (``update(images, start=i)``) so that ids and jackknife groups are those of
+a single pass, and call ``compute(distributed=ctx)`` (a :class:`DistributedContext`): the
+float64 sums of all ranks are added with one all-reduce and every rank gets the result of
+the whole data set, equal to a single process's to rounding (design.md section 3).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import platform
 import sys
 import time
@@ -22,6 +30,7 @@ from torch import nn
 
 import diffeo_engine
 from diffeo_engine import ops
+from diffeo_engine.distributed import DistributedContext
 from diffeo_engine.physics import check_cut, check_ids, check_images, check_seed, check_T
 from diffeo_engine.sensitivity.hooks import (
     INPUT,
@@ -133,10 +142,12 @@ class SensitivityMeter:
         reduce: ``"full"``, ``"channel_mean"`` or ``"spatial_mean"`` (:func:`reduce_features`).
         seed, perturbations_per_image: image id ``i`` is perturbed ``K`` times, with the
             perturbation ids ``i * K + k``; its clean representation counts once. With
-            ``ids=None`` an image's id is its position in the stream (0, 1, 2, ...).
+            ``ids=None`` an image's id is its position in the stream (0, 1, 2, ...; a batch
+            passed with ``update(..., start=i)`` begins at position ``i``).
         error_groups: ``G``, the number of interleaved groups of images of the
-            delete-one-group jackknife that gives every ``*_err`` (image number ``n`` of
-            the stream goes to group ``n mod G``). Memory is ``G`` times each layer's size.
+            delete-one-group jackknife that gives every ``*_err`` (the image at position
+            ``n`` of the stream goes to group ``n mod G``). Memory is ``G`` times each
+            layer's size.
         autocast_dtype: run the forward pass under ``torch.autocast`` with this dtype.
         channels_last: convert the model (in place) and the 4D batches to channels_last.
         input_dtype: the dtype fed to the model; default that of its first floating
@@ -216,6 +227,7 @@ class SensitivityMeter:
         self._pending: dict[str, dict] = {}
         self._batch_info: tuple | None = None
         self._n_seen = 0
+        self._position = 0  # the stream position of the next image (see update's start)
         self._mode: str | None = None
         self._image_info: dict = {}
         total = progress if isinstance(progress, int) and not isinstance(progress, bool) else None
@@ -303,6 +315,7 @@ class SensitivityMeter:
         self._meta.clear()
         self._order.clear()
         self._n_seen = 0
+        self._position = 0
 
     @property
     def count(self) -> int:
@@ -366,11 +379,15 @@ class SensitivityMeter:
                 f"got {images.device}; move the model or the images"
             )
 
-    def update(self, images: torch.Tensor, ids=None) -> None:
+    def update(self, images: torch.Tensor, ids=None, *, start: int | None = None) -> None:
         """Fold one batch ``(B, C, H, W)`` (or ``(B, C, L)`` with a ``perturbation``) in.
 
         ``ids`` (one int per image) key the perturbations; default: the images' positions
-        in the stream, ``count .. count + B - 1``.
+        in the stream. ``start`` is the position of the batch's first image (default: just
+        after the previous batch, so ``0, B, 2B, ...``); the image at position ``n`` goes to
+        jackknife group ``n mod G``. Give it when several processes share a data set (or a
+        pass is split in pieces), each batch its global index, and the ids and error
+        groups are those of one uninterrupted pass.
         """
         if self._closed:
             raise RuntimeError("update: the meter is closed (its hooks were removed)")
@@ -382,8 +399,13 @@ class SensitivityMeter:
         if B == 0:
             return
         self._check_device(images)
+        if start is not None:
+            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+                raise ValueError(f"start: expected an integer >= 0, got {start!r}")
+            self._position = start
+        positions = torch.arange(self._position, self._position + B, device=images.device)
         if ids is None:
-            ids = torch.arange(self._n_seen, self._n_seen + B, device=images.device)
+            ids = positions
         ids = check_ids(ids, B, images.device)
         if self.K > 1 and int(ids.max()) > (2**63 - 1) // self.K - 1:
             raise ValueError(
@@ -402,10 +424,7 @@ class SensitivityMeter:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             if self.preprocess is not None:
                 batch = self.preprocess(batch)
-            groups = (
-                torch.arange(self._n_seen, self._n_seen + B, device=images.device)
-                % self.error_groups
-            )
+            groups = positions % self.error_groups
             onehot = torch.nn.functional.one_hot(groups, self.error_groups).T.to(torch.float64)
             self._batch_info = (B, [(s, kind) for s, kind, _ in perturbed], onehot)
             self._pending = {}
@@ -429,6 +448,7 @@ class SensitivityMeter:
                 "device": str(images.device),
             }
         self._n_seen += B
+        self._position += B
         if self._progress is not None:
             self._progress.update(B)
 
@@ -524,8 +544,15 @@ class SensitivityMeter:
 
     # ------------------------------------------------------------------------ compute
 
-    def compute(self) -> SensitivityResult:
-        """The records, per layer in forward order and per setting, and the settings."""
+    def compute(self, *, distributed: DistributedContext | None = None) -> SensitivityResult:
+        """The records, per layer in forward order and per setting, and the settings.
+
+        With ``distributed`` (a :class:`~diffeo_engine.distributed.DistributedContext` of
+        several processes) every rank must call it: the sums of all ranks are added (one
+        all-reduce) and each rank gets the records of all the images seen by all.
+        """
+        if distributed is not None and distributed.active:
+            return self._reduced(distributed).compute()
         if not self._order:
             raise RuntimeError("compute: no images yet; call update(images) first")
         offset = 0 if self._want_input else 1
@@ -557,6 +584,82 @@ class SensitivityMeter:
                     )
                 )
         return SensitivityResult(records, self.describe())
+
+    def _reduced(self, ctx: DistributedContext) -> SensitivityMeter:
+        """A copy of this meter holding the sums of every rank of ``ctx``, to compute.
+
+        A collective (every rank calls it): the layer lists are compared through one small
+        object gather, the reference shift (design.md section 2's sums are kept about the
+        first image's representation) is broadcast from the first rank that saw images,
+        each rank re-centres its sums on it, and all the float64 accumulators travel in one
+        flat buffer through one all-reduce. This meter is left as it was; the copy shares
+        its hooks and only computes.
+        """
+        mine = {
+            "order": list(self._order),
+            "meta": dict(self._meta),
+            "features": {site: self._stats[site].n_features for site in self._order},
+            "images": self._n_seen,
+            "mode": self._mode,
+            "image_info": dict(self._image_info),
+        }
+        everyone = ctx.all_gather_object(mine)
+        seen = [rank for rank, info in enumerate(everyone) if info["order"]]
+        if not seen:
+            raise RuntimeError("compute: no images yet on any rank; call update(images) first")
+        ref = everyone[seen[0]]
+        for rank in seen[1:]:
+            info = everyone[rank]
+            if info["order"] != ref["order"] or info["features"] != ref["features"]:
+                raise ValueError(
+                    f"compute: rank {rank} measured layers {info['features']} but rank "
+                    f"{seen[0]} measured {ref['features']}; every rank must run the same model"
+                )
+        order, features = ref["order"], ref["features"]
+        G, S = self.error_groups, len(self._settings)
+        device = None
+        if self._order:
+            device = self._stats[self._order[0]].S1.device
+        shift_here = (
+            torch.cat([self._stats[site].shift for site in order])
+            if self._order
+            else torch.zeros(sum(features.values()), dtype=torch.float64, device=device)
+        )
+        shift = ctx.broadcast(shift_here, src=seen[0])
+        pieces, offset = [], 0
+        for site in order:
+            F = features[site]
+            common = shift[offset : offset + F]
+            offset += F
+            stats = self._stats.get(site)
+            if stats is None:
+                stats = SiteStats(F, S, G, common.device)
+                stats.shift = common
+            d = stats.shift - common  # move the sums from this rank's shift to the common one
+            S1 = stats.S1 + stats.N[:, None] * d
+            S2 = stats.S2 + 2.0 * (stats.S1 @ d) + stats.N * d.square().sum()
+            pieces += [S1.flatten(), S2, stats.N, stats.num.flatten(), stats.M.flatten()]
+        total = ctx.all_reduce_sum(torch.cat(pieces))
+        out = copy.copy(self)
+        out._stats, out._pending, out._batch_info = {}, {}, None
+        out._progress, out._closed = None, True
+        offset = shift_offset = 0
+        for site in order:
+            F = features[site]
+            stats = SiteStats(F, S, G, total.device)
+            stats.shift = shift[shift_offset : shift_offset + F].to(total.device)
+            shift_offset += F
+            for name, shape in (
+                ("S1", (G, F)), ("S2", (G,)), ("N", (G,)), ("num", (S, 2, G)), ("M", (S, G))
+            ):  # fmt: skip
+                size = math.prod(shape)
+                setattr(stats, name, total[offset : offset + size].reshape(shape))
+                offset += size
+            out._stats[site] = stats
+        out._order, out._meta = list(order), dict(ref["meta"])
+        out._n_seen = sum(info["images"] for info in everyone)
+        out._mode, out._image_info = ref["mode"], ref["image_info"]
+        return out
 
     def describe(self) -> dict:
         """The settings, versions and seed that reproduce the run."""

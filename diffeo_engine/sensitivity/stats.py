@@ -1,7 +1,8 @@
 """Streaming float64 statistics of one measured layer, and their jackknife errors.
 
 Per layer the meter keeps, in float64 and split over ``G`` interleaved groups of images
-(image number ``n`` of the stream, counted from 0, goes to group ``n mod G``):
+(the image at position ``n`` of the stream, counted from 0, goes to group ``n mod G``;
+processes sharing a data set pass global positions, so the groups are those of one pass):
 
 * ``S1 = sum (f(x) - s)`` and ``S2 = sum ||f(x) - s||^2`` over clean images, with ``N``;
 * per ``(T, cut)`` setting, ``sum ||f(tau x) - f(x)||^2``, ``sum ||f(x + eta) - f(x)||^2``
@@ -17,7 +18,9 @@ quantity (``D``, ``G``, ``R``, the denominator) is recomputed with one group lef
 ``SE^2 = (g - 1) / g * sum_j (theta_j - mean theta)^2`` over the ``g`` non-empty groups.
 For the ratios this is the resampling counterpart of the delta method: it carries the
 covariance of numerator and denominator. Because groups follow image order, not batches,
-the errors do not depend on the batch size either.
+the errors do not depend on the batch size, nor on the number of processes: sums kept
+about different shifts are moved to a common one (``S1 + N d``, ``S2 + 2 d.S1 + N ||d||^2``
+with ``d`` the difference of shifts) and added group by group.
 """
 
 from __future__ import annotations
