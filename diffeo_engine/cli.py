@@ -14,7 +14,7 @@ import time
 import torch
 
 import diffeo_engine
-from diffeo_engine import benchmark, generate, ops
+from diffeo_engine import benchmark, generate, ops, reproduce
 from diffeo_engine.physics import temperature_range, typical_displacement
 from diffeo_engine.sensitivity import command as sensitivity_command
 
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=diffeo_engine.__version__)
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    reproduce.add_command(subparsers)
     _add_demo(subparsers)
     sensitivity_command.add_command(subparsers)
     generate.add_commands(subparsers)
