@@ -19,7 +19,7 @@ from diffeo_engine.data.sources import load_mnist, open_source, parse_resize, re
 
 Image = pytest.importorskip("PIL.Image")
 
-MNIST = Path("/work/shared/data/mnist")
+MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"  # beside the checkout
 # Published MNIST test-set label counts (digits 0..9).
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
