@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from diffeo_engine import ops
+from diffeo_engine.models import get_model
 from diffeo_engine.sensitivity import SensitivityMeter
 
 CUDA = torch.cuda.is_available()
@@ -47,57 +48,9 @@ T, CUT, SEED = 3e-3, 3, 0
 # ------------------------------------------------------------------------------ model
 
 
-class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu2 = nn.ReLU()
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-        return self.relu2(y + self.shortcut(x))
-
-
-class SmallResNet18(nn.Module):
-    """CIFAR ResNet-18 (3x3 stem, four stages of two basic blocks), ``width`` channels first."""
-
-    def __init__(self, width: int = 64, classes: int = 10) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width))
-        self.relu = nn.ReLU()
-        layers, cin = [], width
-        for i, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
-            stride = 1 if i == 0 else 2
-            layers.append(nn.Sequential(_Block(cin, cout, stride), _Block(cout, cout, 1)))
-            cin = cout
-        self.stages = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.stages(self.relu(self.stem(x)))).flatten(1))
-
-
 def make_model() -> nn.Module:
-    """The registry's ``resnet18`` at ``WIDTH`` if present, else the one above."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        try:
-            from diffeo_engine.models import get_model
-
-            model = get_model("resnet18", width=WIDTH)
-        except (ImportError, TypeError, ValueError):
-            model = SmallResNet18(WIDTH)
-    return model.to(DEVICE).eval()
+    """The registry's CIFAR ``resnet18`` at ``WIDTH`` channels, in eval mode."""
+    return get_model("resnet18", width=WIDTH, seed=0).to(DEVICE).eval()
 
 
 def probe_images(n: int) -> torch.Tensor:
