@@ -492,8 +492,11 @@ class SensitivityMeter:
             )
         value = value.detach().reshape(parts, B, *value.shape[1:])
 
+        # float32 at least for the reduction and the differences; the sums are float64
+        work_dtype = torch.promote_types(value.dtype, torch.float32)
+
         def features(index: int) -> torch.Tensor:
-            return reduce_features(value[index].to(torch.float64), self.reduce)
+            return reduce_features(value[index].to(work_dtype), self.reduce)
 
         clean = features(0)
         stats = self._stats.get(site)

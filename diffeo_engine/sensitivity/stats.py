@@ -62,15 +62,20 @@ class SiteStats:
     ) -> dict[str, torch.Tensor]:
         """One batch's additions, not yet added (so that a NaN can be refused first).
 
-        ``clean`` is ``(B, F)`` float64; ``perturbed`` lists ``(setting, kind, (B, F))``
-        with ``kind`` 0 for ``tau x`` and 1 for ``x + eta``; ``onehot`` is the ``(G, B)``
-        float64 group membership of the images. Group sums are matrix products with it.
+        ``clean`` is ``(B, F)`` in float32 or float64; ``perturbed`` lists
+        ``(setting, kind, (B, F))`` with ``kind`` 0 for ``tau x`` and 1 for ``x + eta``;
+        ``onehot`` is the ``(G, B)`` float64 group membership of the images. Group sums are
+        matrix products with it. A perturbed image's squared distance is computed in the
+        activations' dtype (float32 at least) and accumulated over images in float64; the
+        clean sums are float64 throughout.
         """
+        float64 = torch.float64
+        clean64 = clean.to(float64)
         if self.shift is None:
-            self.shift = clean[0].clone()
-        centred = clean - self.shift
+            self.shift = clean64[0].clone()
+        centred = clean64 - self.shift
         columns = [centred.square().sum(1), torch.ones_like(centred[:, 0])]
-        columns += [(values - clean).square().sum(1) for _, _, values in perturbed]
+        columns += [(values - clean).square().sum(1).to(float64) for _, _, values in perturbed]
         sums = onehot @ torch.stack(columns, dim=1)  # (G, 2 + len(perturbed))
         num = torch.zeros_like(self.num)
         M = torch.zeros_like(self.M)
