@@ -97,6 +97,7 @@ from diffeo_engine.models import ConstantFilterCNN, get_model
 from diffeo_engine.models.train import evaluate, train
 from diffeo_engine.physics import temperature_range
 from diffeo_engine.sensitivity import SensitivityMeter
+from diffeo_engine.sensitivity.result import finite_or_none
 
 __all__ = [
     "EXPONENT_TOLERANCE",
@@ -217,16 +218,6 @@ SCALE_DOWN_NOTE = (
 def _log(echo: Callable[[str], None] | None, message: str) -> None:
     if echo is not None:
         echo(message)
-
-
-def _finite_or_none(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    return value
 
 
 def _ratio(a: float, b: float) -> float:
@@ -857,7 +848,7 @@ def run_reproduction(
         "seconds": time.perf_counter() - start,
     }
     with open(out / "results.json", "w", encoding="utf-8") as handle:
-        json.dump(_finite_or_none(results), handle, indent=1, allow_nan=False)
+        json.dump(finite_or_none(results), handle, indent=1, allow_nan=False)
         handle.write("\n")
     return results
 

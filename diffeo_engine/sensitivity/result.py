@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 
-__all__ = ["LayerRecord", "SensitivityResult"]
+__all__ = ["LayerRecord", "SensitivityResult", "finite_or_none"]
 
 QUANTITIES = ("D", "G", "R", "denominator", "D_numerator", "G_numerator")
 
@@ -79,13 +79,14 @@ class LayerRecord:
 CSV_COLUMNS = [f.name for f in fields(LayerRecord) if f.name != "extra"] + ["seed"]
 
 
-def _finite_or_none(value):
+def finite_or_none(value):
+    """``value`` with every non-finite float replaced by None, recursively: JSON has no NaN."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
+        return [finite_or_none(v) for v in value]
     return value
 
 
@@ -129,7 +130,7 @@ class SensitivityResult:
 
     def to_json(self, path: str | os.PathLike) -> None:
         with open(path, "w", encoding="utf-8") as handle:
-            json.dump(_finite_or_none(self.to_dict()), handle, indent=2, allow_nan=False)
+            json.dump(finite_or_none(self.to_dict()), handle, indent=2, allow_nan=False)
             handle.write("\n")
 
     @classmethod
