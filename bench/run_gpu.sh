@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DEST="${BENCH_OUT:-${OUT:-bench/results/parts}}"
-BENCH=(python -m diffeo_engine.benchmark --verbose)
+BENCH=(python -m diffeo_engine bench --verbose)
 ALL="fused fused-deform torch-reference grid_sample grid_sample-compiled published-loop kornia"
 NO_LOOP="fused fused-deform torch-reference grid_sample grid_sample-compiled kornia"
 

@@ -61,9 +61,10 @@ def probe_images(n: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- memory
 
 
-def _rss_bytes(field: str) -> int | None:
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A ``kB`` field of a ``/proc`` file (``VmHWM`` of ``/proc/self/status``, ...) in bytes."""
     try:
-        with open("/proc/self/status") as handle:
+        with open(path) as handle:
             for line in handle:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
@@ -76,7 +77,7 @@ class PeakMemory:
     """Peak resident memory (and CUDA allocations) above the level at entry, in MiB."""
 
     def __enter__(self) -> PeakMemory:
-        self.base = _rss_bytes("VmRSS") or 0
+        self.base = _proc_bytes("/proc/self/status", "VmRSS") or 0
         self.reset = False
         try:
             with open("/proc/self/clear_refs", "w") as handle:
@@ -96,11 +97,11 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self.stop.wait(0.002):
-            self.sampled = max(self.sampled, _rss_bytes("VmRSS") or 0)
+            self.sampled = max(self.sampled, _proc_bytes("/proc/self/status", "VmRSS") or 0)
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
-        peak = (_rss_bytes("VmHWM") or 0) if self.reset else self.sampled
+        peak = (_proc_bytes("/proc/self/status", "VmHWM") or 0) if self.reset else self.sampled
         self.host_MiB = max(peak - self.base, 0) / 2**20
         self.cuda_MiB = None
         if DEVICE.type == "cuda":
@@ -118,19 +119,8 @@ def _available_bytes() -> int:
         return int(float(limit) * 2**30)
     if DEVICE.type == "cuda":
         return torch.cuda.get_device_properties(DEVICE).total_memory // 2
-    total = _meminfo("MemTotal")
+    total = _proc_bytes("/proc/meminfo", "MemTotal")
     return total // 2 if total else 8 * 2**30
-
-
-def _meminfo(field: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 # -------------------------------------------------------------------------- the runs

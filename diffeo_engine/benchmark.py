@@ -53,7 +53,6 @@ __all__ = [
     "device_info",
     "format_table",
     "grid_sample_perturb",
-    "main",
     "merge_results",
     "pair_bytes",
     "plan",
@@ -1261,16 +1260,3 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="print progress to stderr")
     p.set_defaults(run=_run_bench)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m diffeo_engine.benchmark ...``: the ``bench`` subcommand on its own."""
-    parser = argparse.ArgumentParser(prog="diffeo-engine")
-    sub = parser.add_subparsers(dest="command")
-    add_command(sub)
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -71,7 +71,6 @@ __all__ = [
     "add_commands",
     "generate",
     "load_generated",
-    "main",
     "read_manifest",
     "shard_name",
     "verify",
@@ -1212,15 +1211,3 @@ def add_commands(subparsers) -> None:
     v.add_argument("--device", default=None, help="default: the run's, if available")
     v.add_argument("--backend", default=None, choices=ops.BACKENDS, help="default: the run's")
     v.set_defaults(run=_run_verify)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``generate`` / ``verify`` alone, as ``diffeo-engine`` runs them (for scripts, tests)."""
-    parser = argparse.ArgumentParser(prog="diffeo-engine")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"diffeo-engine {args.command}: error: {error}", file=sys.stderr)
-        return 2

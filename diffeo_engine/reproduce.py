@@ -81,7 +81,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -108,7 +107,6 @@ __all__ = [
     "add_command",
     "analytical_case",
     "claims_table",
-    "main",
     "run_reproduction",
 ]
 
@@ -884,19 +882,3 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=_run_command)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m diffeo_engine.reproduce [--out DIR] [--mnist DIR] [--quick] ...``."""
-    parser = argparse.ArgumentParser(prog="diffeo-engine")
-    add_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["reproduce", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"diffeo-engine reproduce: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -26,10 +26,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from diffeo_engine.cli import main as cli_main
 from diffeo_engine.distributed import TIMEOUT_ENV, distributed_session
 from diffeo_engine.generate import FAULT_ENV, MANIFEST, generate, read_manifest, verify
 from diffeo_engine.sensitivity import SensitivityMeter
-from diffeo_engine.sensitivity.command import main as sensitivity_main
 
 MODELS = Path(__file__).with_name("test_sensitivity_models.py")
 N_IMAGES = 40
@@ -81,7 +81,7 @@ def _sensitivity_args(data: Path, out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def one_process_sensitivity(data, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sensitivity") / "single"
-    assert sensitivity_main(_sensitivity_args(data, out)) == 0
+    assert cli_main(_sensitivity_args(data, out)) == 0
     return json.loads((out / "sensitivity.json").read_text())
 
 

@@ -19,13 +19,13 @@ import torch
 
 from diffeo_engine import generate as gen
 from diffeo_engine import ops
+from diffeo_engine.cli import main
 from diffeo_engine.generate import (
     FAULT_ENV,
     MANIFEST,
     add_commands,
     generate,
     load_generated,
-    main,
     read_manifest,
     verify,
 )
@@ -184,7 +184,7 @@ def test_default_shard_size_and_progress(source, tmp_path, capsys):
 
 # ----------------------------------------------------------------------- crash safety
 
-RUNNER = "import sys; from diffeo_engine.generate import main; sys.exit(main(sys.argv[1:]))"
+RUNNER = "import sys; from diffeo_engine.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 @pytest.mark.parametrize(

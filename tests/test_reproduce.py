@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffeo_engine import reproduce
+from diffeo_engine import cli, reproduce
 from diffeo_engine.reproduce import (
     ANALYTICAL,
     EXPONENT_TOLERANCE,
@@ -52,10 +52,10 @@ def _mnist_dir() -> Path | None:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """``python -m diffeo_engine.reproduce --quick`` once: (out dir, stdout, results)."""
+    """``python -m diffeo_engine reproduce --quick`` once: (out dir, stdout, results)."""
     out = tmp_path_factory.mktemp("reproduce")
     proc = subprocess.run(
-        [sys.executable, "-m", "diffeo_engine.reproduce", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "diffeo_engine", "reproduce", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -85,7 +85,9 @@ def test_add_command_registers_reproduce():
 
 
 def test_missing_mnist_dir_is_an_error(tmp_path, capsys):
-    status = reproduce.main(["--quick", "--out", str(tmp_path), "--mnist", str(tmp_path / "no")])
+    status = cli.main(
+        ["reproduce", "--quick", "--out", str(tmp_path), "--mnist", str(tmp_path / "no")]
+    )
     assert status == 2
     assert "--mnist" in capsys.readouterr().err
 

@@ -331,20 +331,3 @@ def _run(args: argparse.Namespace, ctx) -> int:
     ranks = f" on {ctx.world_size} processes" if ctx.active else ""
     print(f"{n} images{ranks}, {len(settings)} setting(s); wrote {', '.join(written)} to {out}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the subcommand alone (``python -m diffeo_engine.sensitivity.command ...``)."""
-    parser = argparse.ArgumentParser(prog="diffeo-engine")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    add_command(subparsers)
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"diffeo-engine sensitivity: error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
