@@ -23,6 +23,7 @@ from torch.library import custom_op, triton_op
 from diffeo_engine import reference
 from diffeo_engine.physics import (
     check_cut,
+    check_finite,
     check_ids,
     check_images,
     check_interp,
@@ -81,7 +82,10 @@ def _deform_reference(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """Opaque to ``torch.compile``: the reference with its value checks, on any device."""
-    return reference.deform(images, T, cut, seed=seed, ids=ids, interp=interp, out_dtype=out_dtype)
+    return reference.deform(
+        images, T, cut, seed=seed, ids=ids, interp=interp, out_dtype=out_dtype,
+        allow_nonfinite=True,  # checked by the public function, outside the graph
+    )  # fmt: skip
 
 
 @custom_op("diffeo_engine::perturb_reference", mutates_args=())
@@ -97,7 +101,7 @@ def _perturb_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return reference.perturb(
         images, T, cut, seed=seed, ids=ids, noise=_noise_arg(sigma), interp=interp,
-        out_dtype=out_dtype,
+        out_dtype=out_dtype, allow_nonfinite=True,
     )  # fmt: skip
 
 
@@ -178,11 +182,11 @@ def _reference_vjp(ctx, grads: tuple) -> tuple:
         source = images.detach().requires_grad_(True)
         if len(rest) == 2:  # deform: (interp, out_dtype)
             outputs = (reference.deform(source, T, cut, seed=seed, ids=ids, interp=rest[0],
-                                        out_dtype=rest[1]),)  # fmt: skip
+                                        out_dtype=rest[1], allow_nonfinite=True),)  # fmt: skip
         else:  # perturb: (sigma, interp, out_dtype)
             outputs = reference.perturb(
                 source, T, cut, seed=seed, ids=ids, noise=_noise_arg(rest[0]), interp=rest[1],
-                out_dtype=rest[2],
+                out_dtype=rest[2], allow_nonfinite=True,
             )  # fmt: skip
         pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
         (grad,) = torch.autograd.grad([o for o, _ in pairs], source, [g for _, g in pairs])
@@ -244,16 +248,19 @@ def deform(
     interp: str = "bilinear",
     out_dtype: torch.dtype | None = None,
     backend: str = "auto",
+    allow_nonfinite: bool = False,
 ) -> torch.Tensor:
     """``tau x``: each image deformed by its max-entropy diffeomorphism, keyed by ``(seed, id)``."""
     _check_backend(backend)
     if backend == "torch":
         return reference.deform(
-            images, T, cut, seed=seed, ids=ids, interp=interp, out_dtype=out_dtype
-        )
+            images, T, cut, seed=seed, ids=ids, interp=interp, out_dtype=out_dtype,
+            allow_nonfinite=allow_nonfinite,
+        )  # fmt: skip
     images, T, ids, interp, out_dtype, seed = _static_args(
         images, T, cut, seed, ids, interp, out_dtype
     )
+    check_finite(images, allow_nonfinite=allow_nonfinite)
     if _dispatch(images, cut, backend) == "interpreter":
         check_T(T, T.shape[0], T.device)  # values (the reference operator checks its own)
         tau, _ = _kernels().perturb(
@@ -274,17 +281,20 @@ def perturb(
     interp: str = "bilinear",
     out_dtype: torch.dtype | None = None,
     backend: str = "auto",
+    allow_nonfinite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tau x, x + eta)`` with matched (``||eta|| = ||tau x - x||``) or fixed-sigma noise."""
     _check_backend(backend)
     if backend == "torch":
         return reference.perturb(
-            images, T, cut, seed=seed, ids=ids, noise=noise, interp=interp, out_dtype=out_dtype
-        )
+            images, T, cut, seed=seed, ids=ids, noise=noise, interp=interp, out_dtype=out_dtype,
+            allow_nonfinite=allow_nonfinite,
+        )  # fmt: skip
     sigma = reference.check_noise(noise)
     images, T, ids, interp, out_dtype, seed = _static_args(
         images, T, cut, seed, ids, interp, out_dtype
     )
+    check_finite(images, allow_nonfinite=allow_nonfinite)
     if _dispatch(images, cut, backend) == "interpreter":
         check_T(T, T.shape[0], T.device)  # values (the reference operator checks its own)
         return _kernels().perturb(

@@ -17,6 +17,7 @@ __all__ = [
     "check_T",
     "check_choice",
     "check_cut",
+    "check_finite",
     "check_float",
     "check_ids",
     "check_images",
@@ -198,6 +199,28 @@ def check_images(images, name: str = "images") -> torch.Tensor:
     H, W = images.shape[-2:]
     if H < 2 or W < 2:
         raise ValueError(f"{name}: expected H >= 2 and W >= 2, got H={H}, W={W}")
+    return images
+
+
+def check_finite(images: torch.Tensor, name: str = "images", *, allow_nonfinite: bool = False):
+    """Refuse NaN or inf pixels unless ``allow_nonfinite``: one such pixel would make the whole
+    matched-noise image NaN (through its norm) and spread through the warp. Integer images
+    are always finite and cost nothing; float images cost one read (skipped when traced).
+    """
+    if not isinstance(allow_nonfinite, bool):
+        raise TypeError(f"allow_nonfinite: expected True or False, got {allow_nonfinite!r}")
+    if allow_nonfinite or not images.is_floating_point() or torch.compiler.is_compiling():
+        return images
+    if images.device.type == "meta":
+        return images
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        first = int((~finite).flatten(1).any(dim=1).nonzero()[0]) if images.dim() > 1 else 0
+        raise ValueError(
+            f"{name}: {bad} pixel(s) are NaN or inf (first in image {first}); clean them, or "
+            "pass allow_nonfinite=True (--allow-nonfinite) to let them propagate"
+        )
     return images
 
 

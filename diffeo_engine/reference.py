@@ -13,6 +13,7 @@ import torch
 from diffeo_engine import rng
 from diffeo_engine.physics import (
     check_cut,
+    check_finite,
     check_ids,
     check_images,
     check_interp,
@@ -190,9 +191,10 @@ def deform(
     ids=None,
     interp: str = "bilinear",
     out_dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
 ) -> torch.Tensor:
     """``tau x`` for each image, its field drawn from Philox keyed by ``(seed, id)``."""
-    images = check_images(images)
+    images = check_finite(check_images(images), allow_nonfinite=allow_nonfinite)
     _, displacement = _fields_for(images, T, cut, seed, ids)
     return warp(images, displacement, interp=interp, out_dtype=out_dtype)
 
@@ -207,13 +209,15 @@ def perturb(
     noise="matched",
     interp: str = "bilinear",
     out_dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tau x, x + eta)``: ``eta = z ||tau x - x|| / ||z||`` per image (``noise="matched"``)
     or ``eta = sigma z`` (``noise=sigma``), ``z`` from the image's Philox noise streams.
 
-    The norm is that of the change before rounding to ``out_dtype``.
+    The norm is that of the change before rounding to ``out_dtype``. NaN or inf pixels
+    are refused unless ``allow_nonfinite`` (see ``physics.check_finite``).
     """
-    images = check_images(images)
+    images = check_finite(check_images(images), allow_nonfinite=allow_nonfinite)
     interp = check_interp(interp)
     sigma = check_noise(noise)
     out_dtype = check_out_dtype(out_dtype, images)

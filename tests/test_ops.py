@@ -124,3 +124,18 @@ def test_compile_fullgraph_on_cuda_traces_the_kernels():
     ref_tau, ref_noisy = reference.perturb(x, 0.01, 5, seed=2)
     torch.testing.assert_close(tau, ref_tau, atol=1e-4, rtol=0)
     torch.testing.assert_close(noisy, ref_noisy, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_pixels_are_refused_unless_allowed(backend, bad):
+    images = torch.rand(3, 2, 9, 11)
+    images[1, 0, 4, 5] = bad
+    for fn in (ops.deform, ops.perturb):
+        message = r"images: 1 pixel\(s\) are NaN or inf \(first in image 1\)"
+        with pytest.raises(ValueError, match=message):
+            fn(images, 1e-3, 3, seed=0, backend=backend)
+    tau, noisy = ops.perturb(images, 1e-3, 3, seed=0, backend=backend, allow_nonfinite=True)
+    # the opt-out lets the maths run: the other images are untouched by the bad pixel
+    assert torch.isfinite(tau[0]).all() and torch.isfinite(noisy[2]).all()
+    assert not torch.isfinite(noisy[1]).all()
