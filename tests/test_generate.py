@@ -230,7 +230,7 @@ def test_sigkill_then_resume_is_byte_identical(
 
 @pytest.mark.parametrize("full_at", ["noisy-00002.npy", "manifest.json"])
 def test_full_disk_surfaces_and_resumes(source, reference, tmp_path, monkeypatch, capsys, full_at):
-    real_write = gen._write_all
+    real_write = gen.files._write_all
     manifests = []
 
     def full_disk(fd, data, path):
@@ -241,7 +241,7 @@ def test_full_disk_surfaces_and_resumes(source, reference, tmp_path, monkeypatch
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(fd, data, path)
 
-    monkeypatch.setattr(gen, "_write_all", full_disk)
+    monkeypatch.setattr(gen.files, "_write_all", full_disk)
     out = tmp_path / "run"
     with pytest.raises(OSError, match=rf"{full_at.replace('.', '[.]')}.*No space left") as info:
         generate(source, out, **ARGS)
@@ -270,7 +270,7 @@ def test_full_disk_surfaces_and_resumes(source, reference, tmp_path, monkeypatch
     assert "dtype: the run has 'uint8', this call 'float32'" in capsys.readouterr().err
     assert _state(out) == before
 
-    monkeypatch.setattr(gen, "_write_all", real_write)
+    monkeypatch.setattr(gen.files, "_write_all", real_write)
     assert main(["generate", "--out", str(out), "--resume", "--quiet"]) == 0
     _assert_same_as_reference(out, reference)
 
@@ -414,7 +414,7 @@ def _rewrite(out: Path, name: str, change) -> None:
     for shard in manifest["shards"]:
         for entry in shard["files"].values():
             if entry["name"] == name:
-                entry["sha256"] = gen._sha256(out / name)
+                entry["sha256"] = gen.files._sha256(out / name)
                 entry["bytes"] = (out / name).stat().st_size
     (out / MANIFEST).write_text(json.dumps(manifest))
 
@@ -463,7 +463,7 @@ def test_verify_recomputes_in_the_original_batch(source, tmp_path, monkeypatch):
     finds, exact equality: in the batch that produced the id (sizes 5 and 3 here)."""
     out = tmp_path / "run"
     generate(source, out, **ARGS)
-    real = gen._perturb
+    real = gen.verification._perturb
 
     def batch_dependent(images, ids, *args):
         outputs = real(images, ids, *args)
@@ -471,7 +471,7 @@ def test_verify_recomputes_in_the_original_batch(source, tmp_path, monkeypatch):
             outputs["tau"] = outputs["tau"] ^ 1
         return outputs
 
-    monkeypatch.setattr(gen, "_perturb", batch_dependent)
+    monkeypatch.setattr(gen.verification, "_perturb", batch_dependent)
     report = verify(out, sample=12)
     assert report.ok and report.exact and report.max_abs_diff == 0
     manifest = read_manifest(out)
@@ -502,6 +502,6 @@ def test_add_commands_registers_both():
     add_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["generate", "--input", "x.npy", "--out", "o", "--T", "0.1"])
     assert (args.command, args.T, args.cut, args.batch_size) == ("generate", 0.1, None, None)
-    assert args.run is gen._run_generate
+    assert args.run is gen.command._run_generate
     args = parser.parse_args(["verify", "o", "--sample", "3"])
-    assert (args.dir, args.sample, args.run) == ("o", 3, gen._run_verify)
+    assert (args.dir, args.sample, args.run) == ("o", 3, gen.command._run_verify)
