@@ -174,12 +174,24 @@ def test_load_generated_dataset(reference, source):
 
 def test_default_shard_size_and_progress(source, tmp_path, capsys):
     manifest = generate(source, tmp_path / "run", T=T, cut=CUT, per_image=2, seed=1, progress=True)
-    assert manifest["parameters"]["shard_size"] == min(
-        gen.MAX_DEFAULT_SHARD, gen.DEFAULT_SHARD_BYTES // (3 * 9 * 8)
-    )
-    assert manifest["n_shards"] == 1
+    # 20 ids: at least 8 shards by default, so an interrupted run loses little
+    assert manifest["parameters"]["shard_size"] == 3 and manifest["n_shards"] == 7
     err = capsys.readouterr().err
-    assert "20/20 images" in err and "images/s" in err and "ETA" in err
+    assert "generate: 20/20 images" in err and "images/s" in err and "ETA" in err
+
+
+@pytest.mark.parametrize(
+    ("image_bytes", "total", "want"),
+    [
+        (784, 10_000, 1250),  # MNIST's test set, K = 1: 8 shards
+        (784, 60_000 * 10, 16 * 2**20 // 784),  # 16 MiB files: 21399 images, 29 shards
+        (3 * 224 * 224, 10**6, 16 * 2**20 // (3 * 224 * 224)),  # 111 images per file
+        (4 * 2**20, 100, 4),  # bigger than a default file: one image per shard, >= 1
+        (1, 10**9, 65536),  # tiny images: capped at 65536 ids
+    ],
+)
+def test_default_shard_size_by_bytes(image_bytes, total, want):
+    assert gen.plan.default_shard_size(image_bytes, total) == max(1, min(want, 65536))
 
 
 # ----------------------------------------------------------------------- crash safety

@@ -25,14 +25,23 @@ several machines ``--out`` must be a directory every rank sees (a shared filesys
 One module per job: ``files`` (atomic writes, the lock, hashing, fault injection),
 ``manifest`` (the manifest and its schema), ``plan`` (validation before anything is written,
 and the outputs' one computation), ``writer`` (the writer thread), ``run`` (:func:`generate`),
-``dataset`` (:func:`load_generated`), ``verification`` (:func:`verify`), ``command`` (CLI).
+``dataset`` (:func:`load_generated`), ``verification`` (:func:`verify`), ``repair``
+(:func:`repair`, ``verify --repair``), ``command`` (the CLI).
 """
 
 from diffeo_engine.generate.command import add_commands
 from diffeo_engine.generate.dataset import GeneratedDataset, load_generated
 from diffeo_engine.generate.files import FAULT_ENV
-from diffeo_engine.generate.manifest import FORMAT, MANIFEST, read_manifest, shard_name
+from diffeo_engine.generate.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    check_manifest,
+    read_manifest,
+    shard_name,
+)
 from diffeo_engine.generate.plan import DEFAULT_SHARD_BYTES, MAX_DEFAULT_SHARD
+from diffeo_engine.generate.repair import repair
 from diffeo_engine.generate.run import generate
 from diffeo_engine.generate.verification import VerifyReport, verify
 
@@ -40,14 +49,17 @@ __all__ = [
     "DEFAULT_SHARD_BYTES",
     "FAULT_ENV",
     "FORMAT",
+    "FORMAT_VERSION",
     "MANIFEST",
     "MAX_DEFAULT_SHARD",
     "GeneratedDataset",
     "VerifyReport",
     "add_commands",
+    "check_manifest",
     "generate",
     "load_generated",
     "read_manifest",
+    "repair",
     "shard_name",
     "verify",
 ]

@@ -9,6 +9,7 @@ shard, the next not begun). Never set the variable otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -125,14 +126,35 @@ def _sha256(path: Path) -> str:
 
 
 def _lock(out: Path) -> int:
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    """Take ``out/.lock`` (``flock``, non-blocking); the fd. The file is removed again by
+    :func:`_unlock`, so a lock taken on a file another process has just removed is dropped
+    and taken again on the new file (its inode is compared after locking)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: no advisory lock
-        return fd
+        return os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    for _ in range(100):
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"out: another generate process is writing to {out}") from None
+        try:
+            same = os.stat(out / LOCK).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # removed by its holder meanwhile: lock the current file
+    raise ValueError(f"out: cannot take {out / LOCK}: it keeps being replaced")
+
+
+def _unlock(out: Path, fd: int) -> None:
+    """Remove ``out/.lock`` (while still holding it) and release it."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        with contextlib.suppress(OSError):
+            if os.stat(out / LOCK).st_ino == os.fstat(fd).st_ino:
+                os.unlink(out / LOCK)
+    finally:
         os.close(fd)
-        raise ValueError(f"out: another generate process is writing to {out}") from None
-    return fd

@@ -21,13 +21,29 @@ from diffeo_engine.generate.manifest import (
     _kinds,
     read_manifest,
 )
-from diffeo_engine.physics import check_cut, check_images, check_interp, check_seed, check_T
+from diffeo_engine.physics import (
+    check_cut,
+    check_finite,
+    check_images,
+    check_interp,
+    check_seed,
+    check_T,
+)
 from diffeo_engine.reference import check_noise
 from diffeo_engine.versions import versions
 
 DEFAULT_BATCH_SIZE = 256
-DEFAULT_SHARD_BYTES = 64 << 20
+# Default shard: 16 MiB per file (about a second of CPU work for small images), and at least
+# MIN_DEFAULT_SHARDS shards, so that an interrupted run loses little (MNIST makes several).
+DEFAULT_SHARD_BYTES = 16 << 20
+MIN_DEFAULT_SHARDS = 8
 MAX_DEFAULT_SHARD = 65536
+# A plan is refused beyond this many shards (the manifest lists each one) ...
+MAX_SHARDS = 100_000
+# ... or when ids i * per_image + k would reach 2**63 (ids are int64).
+ID_LIMIT = 1 << 63
+# Rows sampled to tell a float source in [0, 1] or [-1, 1] (which uint8 output would ruin).
+RANGE_SAMPLE = 64
 # the library versions a resume must match (their images could differ)
 PINNED_VERSIONS = ("diffeo_engine", "torch")
 
@@ -46,11 +62,46 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
-def _normalise_noise(noise) -> str | float:
+def _normalise_noise(noise, dtype: str) -> str | float:
     if noise == "none":
         return "none"
     sigma = check_noise(noise)
-    return "matched" if sigma is None else sigma
+    if sigma is None:
+        return "matched"
+    limit = torch.finfo(torch.float16 if dtype == "float16" else torch.float32).max
+    if sigma > limit:
+        where = "float32 (the computation)" if dtype != "float16" else "float16 (--dtype)"
+        raise ValueError(
+            f"noise: expected a sigma that {where} can hold (<= {limit:.4g}), got {sigma:g}"
+        )
+    return sigma
+
+
+def _check_uint8_range(source: ImageSource) -> None:
+    """Refuse uint8 output of float images that are not on the 0..255 scale (sampled rows):
+    rounding images in [0, 1] to integers would leave only 0 and 1, and negative pixels
+    would be clamped to 0."""
+    n = len(source)
+    rows = sorted({round(i * (n - 1) / max(RANGE_SAMPLE - 1, 1)) for i in range(RANGE_SAMPLE)})
+    values = torch.cat([source.batch(i, i + 1).flatten() for i in rows[:n]]).double()
+    values = values[torch.isfinite(values)]
+    if values.numel() == 0:
+        return
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or 0 < high <= 1:
+        raise ValueError(
+            f"dtype: the source {source.spec} holds floats in [{low:.3g}, {high:.3g}] (sampled "
+            f"rows); uint8 output keeps the 0..255 scale and would "
+            f"{'clamp negative pixels to 0' if low < 0 else 'round every pixel to 0 or 1'}. "
+            "Scale the source to 0..255, or pass dtype='float32' (--dtype float32)"
+        )
+
+
+def default_shard_size(image_bytes: int, total: int) -> int:
+    """Ids per shard by bytes: ``DEFAULT_SHARD_BYTES`` per file (at most
+    ``MAX_DEFAULT_SHARD`` ids), fewer where that would leave under ``MIN_DEFAULT_SHARDS``."""
+    by_bytes = max(1, min(MAX_DEFAULT_SHARD, DEFAULT_SHARD_BYTES // image_bytes))
+    return max(1, min(by_bytes, math.ceil(total / MIN_DEFAULT_SHARDS)))
 
 
 def _check_device(device) -> torch.device:
@@ -65,7 +116,9 @@ def _check_device(device) -> torch.device:
     return device
 
 
-def _perturb(images, ids, params: dict, device, backend: str) -> dict[str, torch.Tensor]:
+def _perturb(
+    images, ids, params: dict, device, backend: str, allow_nonfinite: bool = False
+) -> dict[str, torch.Tensor]:
     """The outputs for ``images`` with ``ids``: exactly the ops calls a user would make."""
     common = dict(
         seed=params["seed"],
@@ -73,11 +126,24 @@ def _perturb(images, ids, params: dict, device, backend: str) -> dict[str, torch
         interp=params["interp"],
         out_dtype=DTYPES[params["dtype"]],
         backend=backend,
+        allow_nonfinite=allow_nonfinite,
     )
     if params["noise"] == "none":
         return {"tau": ops.deform(images, params["T"], params["cut"], **common)}
     tau, noisy = ops.perturb(images, params["T"], params["cut"], noise=params["noise"], **common)
     return {"tau": tau, "noisy": noisy}
+
+
+def _check_source_finite(images: torch.Tensor, ids: torch.Tensor, per_image: int) -> None:
+    """Refuse NaN/inf source pixels (``physics.check_finite``), naming the source image."""
+    if not images.is_floating_point():
+        return
+    try:
+        check_finite(images, "input")
+    except ValueError:
+        for row in range(len(images)):  # the first offending source image, by its index
+            check_finite(images[row : row + 1], f"input: source image {int(ids[row]) // per_image}")
+        raise
 
 
 def _batch_for_ids(source: ImageSource, ids: torch.Tensor, per_image: int) -> torch.Tensor:
@@ -110,13 +176,13 @@ def _check_listed_shards(out: Path, manifest: dict) -> None:
             if not path.is_file() or path.stat().st_size != entry["bytes"]:
                 raise ValueError(
                     f"out: {path} is listed in {MANIFEST} but is missing or has the wrong "
-                    "size; the output is damaged (run `diffeo-engine verify`)"
+                    f"size; repair it with `diffeo-engine verify {out} --repair`"
                 )
 
 
 def _prepare(
     source, out, resume, T, cut, per_image, seed, noise, dtype, shard_size, interp, resize,
-    batch_size, device, backend,
+    batch_size, device, backend, allow_nonfinite=False,
 ):  # fmt: skip
     """Validate every parameter against ``out`` (read only): ``(source, old manifest or
     None, manifest to write, batch_size, device, backend)``."""
@@ -157,11 +223,12 @@ def _prepare(
         interp, resize = given["interp"], given["resize"]
         if source is None:
             source = old["source"]["spec"]
-    for name, value in (("T", T), ("cut", cut), ("per_image", per_image), ("seed", seed)):
-        if value is None:
-            raise ValueError(f"{name}: required (or resume=True / --resume to take the run's)")
-    if source is None:
-        raise ValueError("input: required (or resume=True / --resume to take the run's)")
+    required = {"input": source, "T": T, "cut": cut, "per_image": per_image, "seed": seed}
+    missing = [name for name, value in required.items() if value is None]
+    if missing:
+        raise ValueError(
+            f"{', '.join(missing)}: required (or resume=True / --resume to take the run's)"
+        )
 
     # validate every parameter before touching the disk
     check_T(T, 1, torch.device("cpu"))
@@ -169,10 +236,17 @@ def _prepare(
     cut = check_cut(cut, maximum=rng.MAX_CUT)
     per_image = _check_positive_int("per_image", per_image)
     seed = check_seed(seed)
-    noise = _normalise_noise("matched" if noise is None else noise)
     dtype = "uint8" if dtype is None else dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
+    noise = _normalise_noise("matched" if noise is None else noise, dtype)
+    if not isinstance(allow_nonfinite, bool):
+        raise TypeError(f"allow_nonfinite: expected True or False, got {allow_nonfinite!r}")
+    if allow_nonfinite and dtype == "uint8":
+        raise ValueError(
+            "allow_nonfinite: uint8 output cannot hold NaN or inf (it would write 0 or 255 "
+            "in their place); pass dtype='float16' or 'float32' (--dtype) with it"
+        )
     interp = check_interp("bilinear" if interp is None else interp)
     resize = parse_resize(resize)
     if isinstance(source, ImageSource):
@@ -185,10 +259,25 @@ def _prepare(
         raise ValueError(f"input: {source.spec} holds no images")
     C, H, W = source.shape
     check_images(source.batch(0, 1), "input")
+    total = len(source) * per_image
+    if total > ID_LIMIT:
+        raise ValueError(
+            f"per_image: {len(source)} images x per_image {per_image} = {total} ids, but ids "
+            f"(i * per_image + k, int64) must stay below 2**63; use a smaller per_image"
+        )
+    if dtype == "uint8" and source.dtype.is_floating_point:
+        _check_uint8_range(source)
     image_bytes = C * H * W * DTYPES[dtype].itemsize
     if shard_size is None:
-        shard_size = max(1, min(MAX_DEFAULT_SHARD, DEFAULT_SHARD_BYTES // image_bytes))
+        shard_size = default_shard_size(image_bytes, total)
     shard_size = _check_positive_int("shard_size", shard_size)
+    n_shards = math.ceil(total / shard_size)
+    if n_shards > MAX_SHARDS:
+        raise ValueError(
+            f"shard_size: {total} ids in shards of {shard_size} make {n_shards} shards, more "
+            f"than {MAX_SHARDS} (each is listed in the manifest); pass a larger shard_size "
+            "(--shard-size) or a smaller per_image"
+        )
 
     params = {
         "T": T,
@@ -202,10 +291,14 @@ def _prepare(
         "resize": list(resize) if resize else None,
     }
     described = source.describe()
-    total = len(source) * per_image
-    n_shards = math.ceil(total / shard_size)
 
     if old is not None:
+        if old["format_version"] != FORMAT_VERSION:
+            raise ValueError(
+                f"out: {out} was written with manifest format {old['format_version']} (a "
+                "sampled source fingerprint, which cannot vouch for the source); it can be "
+                "read and verified, not resumed. Use another --out"
+            )
         old_source = {k: v for k, v in old["source"].items() if k != "spec"}
         new_source = {k: v for k, v in described.items() if k != "spec"}
         if old_source.get("fingerprint") != new_source.get("fingerprint"):

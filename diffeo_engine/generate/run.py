@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import queue
 from pathlib import Path
 
@@ -18,12 +17,13 @@ import torch
 
 from diffeo_engine.data.sources import ImageSource, open_source
 from diffeo_engine.distributed import DistributedContext, DistributedError
-from diffeo_engine.generate.files import LOCK, _fault_spec, _is_ours, _lock
+from diffeo_engine.generate.files import LOCK, _fault_spec, _is_ours, _lock, _unlock
 from diffeo_engine.generate.manifest import DTYPES, MANIFEST, _write_manifest, read_manifest
 from diffeo_engine.generate.plan import (
     _batch_for_ids,
     _check_device,
     _check_listed_shards,
+    _check_source_finite,
     _perturb,
     _prepare,
     _resolved_backend,
@@ -53,12 +53,13 @@ def generate(
     resume: bool = False,
     progress: bool | None = None,
     distributed: DistributedContext | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict:
     """Write ``per_image`` perturbations of every image of ``source`` to shards in ``out``.
 
     ``noise``: ``"matched"`` (default), ``"none"`` (only ``tau`` is written) or a sigma;
     ``dtype``: ``"uint8"`` (default), ``"float16"`` or ``"float32"``; ``shard_size``: ids
-    per shard (default: about 64 MiB per file). A directory holding the same run (same
+    per shard (default: 16 MiB per file, at least 8 shards). A directory holding the same run (same
     parameters and source fingerprint) is continued from its last complete shard; with
     ``resume=True`` the directory must hold a run and parameters left ``None`` (the source
     included) are taken from its manifest. Different parameters, another run or foreign
@@ -75,6 +76,12 @@ def generate(
     round-robin to the ranks, which write their own shard files, and after each round of
     shards rank 0 adds the round's records to the manifest. The files are byte-identical to
     a single process's, and a run killed at any point resumes with any number of processes.
+
+    NaN or inf source pixels are refused (naming the source image) unless
+    ``allow_nonfinite=True``, which needs a float ``dtype`` (uint8 cannot hold them); outputs
+    that overflow ``dtype`` are refused before their shard is written. An exception or
+    ``KeyboardInterrupt`` leaves the listed shards, removes the lock and temporary files:
+    the run resumes.
     """
     out = Path(out)
     fault = _fault_spec()
@@ -86,7 +93,7 @@ def generate(
             try:
                 source, old, manifest, batch_size, device, backend = _prepare(
                     source, out, resume, T, cut, per_image, seed, noise, dtype, shard_size,
-                    interp, resize, batch_size, device, backend,
+                    interp, resize, batch_size, device, backend, allow_nonfinite,
                 )  # fmt: skip
                 lock, manifest = _claim(out, old, manifest)
             except BaseException as error:
@@ -119,10 +126,10 @@ def generate(
             mine = todo[ctx.rank :: ctx.world_size]
             rounds = math.ceil(len(todo) / ctx.world_size)
             _run(source, out, manifest, mine, rounds, batch_size, device, backend, fault,
-                 progress, ctx)  # fmt: skip
+                 progress, ctx, allow_nonfinite)  # fmt: skip
     finally:
         if lock is not None:
-            os.close(lock)
+            _unlock(out, lock)
     return manifest
 
 
@@ -165,14 +172,15 @@ def _claim(out: Path, old: dict | None, manifest: dict) -> tuple[int, dict]:
             if path.name != LOCK and _is_ours(path.name):
                 path.unlink(missing_ok=True)
     except BaseException:
-        os.close(lock)
+        _unlock(out, lock)
         raise
     return lock, manifest
 
 
 def _run(
-    source, out, manifest, mine, rounds, batch_size, device, backend, fault, progress, ctx
-) -> None:
+    source, out, manifest, mine, rounds, batch_size, device, backend, fault, progress, ctx,
+    allow_nonfinite=False,
+) -> None:  # fmt: skip
     """Compute this rank's shards ``mine``, one per round for ``rounds`` rounds."""
     params = manifest["parameters"]
     K, S = params["per_image"], params["shard_size"]
@@ -213,17 +221,29 @@ def _run(
             if writer.error is not None:
                 break
             lo, hi = index * S, min((index + 1) * S, total)
+            finite = torch.ones((), dtype=torch.bool, device=device)
             for start in range(lo, hi, batch_size):
                 stop = min(start + batch_size, hi)
                 ids = torch.arange(start, stop, dtype=torch.int64)
-                images = _batch_for_ids(source, ids, K).to(device)
-                outputs = _perturb(images, ids.to(device), params, device, backend)
+                images = _batch_for_ids(source, ids, K)
+                if not allow_nonfinite:
+                    _check_source_finite(images, ids, K)
+                images = images.to(device)
+                outputs = _perturb(images, ids.to(device), params, device, backend, allow_nonfinite)
                 for kind, values in outputs.items():
+                    if values.is_floating_point() and not allow_nonfinite:
+                        finite &= torch.isfinite(values).all()  # checked once per shard
                     buffers[kind][start - lo : stop - lo].copy_(values, non_blocking=pinned)
                 if not ctx.active:
                     bar.update(stop - start)
             if pinned:
                 torch.cuda.current_stream(device).synchronize()
+            if not bool(finite):  # finite pixels, yet outputs beyond the dtype's range
+                raise ValueError(
+                    f"dtype: outputs of ids {lo}..{hi - 1} overflow {params['dtype']} "
+                    f"(inf); nothing of shard {index} was written. Use a smaller --noise "
+                    "sigma, smaller pixel values, or --dtype float32"
+                )
             work.put((index, lo, hi, buffers))
     finally:
         work.put(None)
