@@ -25,6 +25,7 @@ from diffeo_engine.physics import (
     check_cut,
     check_finite,
     check_images,
+    check_int,
     check_interp,
     check_seed,
     check_T,
@@ -52,14 +53,6 @@ def _resolved_backend(backend: str, device: torch.device) -> str:
     if backend != "auto":
         return backend
     return "triton" if device.type == "cuda" else "torch"
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected a positive integer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value}")
-    return value
 
 
 def _normalise_noise(noise, dtype: str) -> str | float:
@@ -194,7 +187,7 @@ def _prepare(
     run_before = old.get("execution", {}) if old is not None else {}
     if batch_size is None:
         batch_size = run_before.get("batch_size", DEFAULT_BATCH_SIZE)
-    batch_size = _check_positive_int("batch_size", batch_size)
+    batch_size = check_int("batch_size", batch_size)
     if device is None:
         cuda = torch.cuda.is_available()
         device = run_before.get("device", "cuda" if cuda else "cpu")
@@ -234,7 +227,7 @@ def _prepare(
     check_T(T, 1, torch.device("cpu"))
     T = float(T)
     cut = check_cut(cut, maximum=rng.MAX_CUT)
-    per_image = _check_positive_int("per_image", per_image)
+    per_image = check_int("per_image", per_image)
     seed = check_seed(seed)
     dtype = "uint8" if dtype is None else dtype
     if dtype not in DTYPES:
@@ -270,7 +263,7 @@ def _prepare(
     image_bytes = C * H * W * DTYPES[dtype].itemsize
     if shard_size is None:
         shard_size = default_shard_size(image_bytes, total)
-    shard_size = _check_positive_int("shard_size", shard_size)
+    shard_size = check_int("shard_size", shard_size)
     n_shards = math.ceil(total / shard_size)
     if n_shards > MAX_SHARDS:
         raise ValueError(
