@@ -11,7 +11,10 @@ range, shape, dtype and sha256) is rewritten the same way (temporary file, fsync
 fsync of the directory). A shard exists for a reader only once the manifest lists it, so a
 run killed at any point resumes from the last listed shard, re-running the same command
 (or ``--resume``) and producing byte-identical files. The manifest holds no timestamps.
-A ``.lock`` file (``flock``) keeps two processes from writing one directory at once.
+A ``.lock`` file (``flock``) keeps two processes from writing one directory at once; it
+is removed when ``generate`` returns or raises (an interrupt included). A damaged data set
+is repaired by :func:`repair` (``verify --repair``): its bad shards are forgotten, removed
+and written again.
 
 Under ``torchrun`` (``generate(..., distributed=ctx)``) rank 0 alone validates, holds the
 ``.lock`` for the whole job, cleans leftovers and writes the manifest; the shards still
