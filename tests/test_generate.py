@@ -174,12 +174,24 @@ def test_load_generated_dataset(reference, source):
 
 def test_default_shard_size_and_progress(source, tmp_path, capsys):
     manifest = generate(source, tmp_path / "run", T=T, cut=CUT, per_image=2, seed=1, progress=True)
-    assert manifest["parameters"]["shard_size"] == min(
-        gen.MAX_DEFAULT_SHARD, gen.DEFAULT_SHARD_BYTES // (3 * 9 * 8)
-    )
-    assert manifest["n_shards"] == 1
+    # 20 ids: at least 8 shards by default, so an interrupted run loses little
+    assert manifest["parameters"]["shard_size"] == 3 and manifest["n_shards"] == 7
     err = capsys.readouterr().err
-    assert "20/20 images" in err and "images/s" in err and "ETA" in err
+    assert "generate: 20/20 images" in err and "images/s" in err and "ETA" in err
+
+
+@pytest.mark.parametrize(
+    ("image_bytes", "total", "want"),
+    [
+        (784, 10_000, 1250),  # MNIST's test set, K = 1: 8 shards
+        (784, 60_000 * 10, 16 * 2**20 // 784),  # 16 MiB files: 21399 images, 29 shards
+        (3 * 224 * 224, 10**6, 16 * 2**20 // (3 * 224 * 224)),  # 111 images per file
+        (4 * 2**20, 100, 4),  # bigger than a default file: one image per shard, >= 1
+        (1, 10**9, 65536),  # tiny images: capped at 65536 ids
+    ],
+)
+def test_default_shard_size_by_bytes(image_bytes, total, want):
+    assert gen.plan.default_shard_size(image_bytes, total) == max(1, min(want, 65536))
 
 
 # ----------------------------------------------------------------------- crash safety
@@ -230,7 +242,7 @@ def test_sigkill_then_resume_is_byte_identical(
 
 @pytest.mark.parametrize("full_at", ["noisy-00002.npy", "manifest.json"])
 def test_full_disk_surfaces_and_resumes(source, reference, tmp_path, monkeypatch, capsys, full_at):
-    real_write = gen._write_all
+    real_write = gen.files._write_all
     manifests = []
 
     def full_disk(fd, data, path):
@@ -241,7 +253,7 @@ def test_full_disk_surfaces_and_resumes(source, reference, tmp_path, monkeypatch
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(fd, data, path)
 
-    monkeypatch.setattr(gen, "_write_all", full_disk)
+    monkeypatch.setattr(gen.files, "_write_all", full_disk)
     out = tmp_path / "run"
     with pytest.raises(OSError, match=rf"{full_at.replace('.', '[.]')}.*No space left") as info:
         generate(source, out, **ARGS)
@@ -270,7 +282,7 @@ def test_full_disk_surfaces_and_resumes(source, reference, tmp_path, monkeypatch
     assert "dtype: the run has 'uint8', this call 'float32'" in capsys.readouterr().err
     assert _state(out) == before
 
-    monkeypatch.setattr(gen, "_write_all", real_write)
+    monkeypatch.setattr(gen.files, "_write_all", real_write)
     assert main(["generate", "--out", str(out), "--resume", "--quiet"]) == 0
     _assert_same_as_reference(out, reference)
 
@@ -414,7 +426,7 @@ def _rewrite(out: Path, name: str, change) -> None:
     for shard in manifest["shards"]:
         for entry in shard["files"].values():
             if entry["name"] == name:
-                entry["sha256"] = gen._sha256(out / name)
+                entry["sha256"] = gen.files._sha256(out / name)
                 entry["bytes"] = (out / name).stat().st_size
     (out / MANIFEST).write_text(json.dumps(manifest))
 
@@ -463,7 +475,7 @@ def test_verify_recomputes_in_the_original_batch(source, tmp_path, monkeypatch):
     finds, exact equality: in the batch that produced the id (sizes 5 and 3 here)."""
     out = tmp_path / "run"
     generate(source, out, **ARGS)
-    real = gen._perturb
+    real = gen.verification._perturb
 
     def batch_dependent(images, ids, *args):
         outputs = real(images, ids, *args)
@@ -471,7 +483,7 @@ def test_verify_recomputes_in_the_original_batch(source, tmp_path, monkeypatch):
             outputs["tau"] = outputs["tau"] ^ 1
         return outputs
 
-    monkeypatch.setattr(gen, "_perturb", batch_dependent)
+    monkeypatch.setattr(gen.verification, "_perturb", batch_dependent)
     report = verify(out, sample=12)
     assert report.ok and report.exact and report.max_abs_diff == 0
     manifest = read_manifest(out)
@@ -502,6 +514,6 @@ def test_add_commands_registers_both():
     add_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["generate", "--input", "x.npy", "--out", "o", "--T", "0.1"])
     assert (args.command, args.T, args.cut, args.batch_size) == ("generate", 0.1, None, None)
-    assert args.run is gen._run_generate
+    assert args.run is gen.command._run_generate
     args = parser.parse_args(["verify", "o", "--sample", "3"])
-    assert (args.dir, args.sample, args.run) == ("o", 3, gen._run_verify)
+    assert (args.dir, args.sample, args.run) == ("o", 3, gen.command._run_verify)

@@ -115,20 +115,23 @@ def test_npz_fingerprint_sees_compressed_content(tmp_path, rng):
     assert first != open_source(tmp_path / "b.npz").fingerprint()
 
 
-def test_fingerprint_samples_large_data(tmp_path, rng, monkeypatch):
-    monkeypatch.setattr(sources, "_FULL_HASH_BYTES", 0)
-    monkeypatch.setattr(sources, "_SAMPLED_ROWS", 3)  # rows 0, 50, 100 of 101
+def test_fingerprint_hashes_every_row(tmp_path, rng, monkeypatch):
+    """A change in any row changes the fingerprint (issue 16 item 2: sampled rows missed
+    a change), also when the rows are streamed in many chunks."""
+    monkeypatch.setattr(sources.base, "HASH_CHUNK_BYTES", 40)  # 2 rows of 16 bytes per chunk
     a = rng.integers(0, 256, (101, 4, 4), dtype=np.uint8)
     np.save(tmp_path / "a.npy", a)
     base = open_source(tmp_path / "a.npy").fingerprint()
     assert base.startswith("sha256:")
     np.save(tmp_path / "copy.npy", a)  # another path, same content
     assert open_source(tmp_path / "copy.npy").fingerprint() == base
-    for row, changes in ((50, True), (100, True), (7, False)):
+    for row in (0, 7, 50, 63, 100):
         b = a.copy()
-        b[row, 0, 0] ^= 0xFF
+        b[row, 3, 2] ^= 0x01
         np.save(tmp_path / "b.npy", b)
-        assert (open_source(tmp_path / "b.npy").fingerprint() != base) == changes
+        assert open_source(tmp_path / "b.npy").fingerprint() != base, row
+    monkeypatch.setattr(sources.base, "HASH_CHUNK_BYTES", 16 << 20)  # one chunk: the same hash
+    assert open_source(tmp_path / "a.npy").fingerprint() == base
     # shape, dtype and resize are part of it
     np.save(tmp_path / "c.npy", a.reshape(101, 2, 8))
     assert open_source(tmp_path / "c.npy").fingerprint() != base

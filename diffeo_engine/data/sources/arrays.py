@@ -1,0 +1,165 @@
+"""Array sources: ``.npy`` (memory-mapped) and ``.npz`` (stored members memory-mapped in
+place, compressed ones streamed through the archive)."""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffeo_engine.data.sources.base import ImageSource, _layout, _to_chw, _torch_dtype
+
+__all__ = ["ArraySource", "open_npy", "open_npz"]
+
+
+class ArraySource(ImageSource):
+    """An array already in memory or memory-mapped (``.npy``, stored ``.npz``, raw IDX)."""
+
+    def __init__(
+        self, array: np.ndarray, spec: str, kind: str, resize, identity: dict | None = None
+    ):
+        super().__init__(spec, resize)
+        self.kind = kind
+        self._layout, self._shape = _layout(array.shape, spec)
+        self._dtype = _torch_dtype(array.dtype, spec)
+        self._array = array
+        self._extra = identity or {}
+
+    def __len__(self) -> int:
+        return int(self._array.shape[0])
+
+    @property
+    def native_shape(self) -> tuple[int, int, int]:
+        return self._shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        return _to_chw(np.asarray(self._array[start:stop]), self._layout)
+
+    def _identity(self) -> dict:
+        return self._extra
+
+
+class _ZipStreamSource(ImageSource):
+    """A compressed ``.npz`` member, read by streaming through the archive."""
+
+    kind = "npz"
+
+    def __init__(self, path: Path, key: str, spec: str, resize, crc: int, size: int):
+        super().__init__(spec, resize)
+        self._path, self._key = path, key
+        self._handle = None
+        with zipfile.ZipFile(path) as archive, archive.open(key + ".npy") as member:
+            shape, fortran, dtype = _read_npy_header(member, spec)
+            self._data_offset = member.tell()
+        if fortran and len(shape) > 1:
+            raise ValueError(
+                f"input: {spec} is a compressed Fortran-ordered array; save it C-ordered "
+                "(np.ascontiguousarray) or as .npy"
+            )
+        self._n = shape[0] if shape else 0
+        self._raw_shape = shape
+        self._np_dtype = dtype
+        self._layout, self._shape = _layout(shape, spec)
+        self._dtype = _torch_dtype(dtype, spec)
+        self._row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        self._extra = {"zip_crc32": crc, "zip_size": size}
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def native_shape(self) -> tuple[int, int, int]:
+        return self._shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        if self._handle is None:
+            self._archive = zipfile.ZipFile(self._path)
+            self._handle = self._archive.open(self._key + ".npy")
+        self._handle.seek(self._data_offset + start * self._row_bytes)
+        count = (stop - start) * self._row_bytes
+        data = self._handle.read(count)
+        if len(data) != count:
+            raise ValueError(f"input: {self.spec} is truncated (wanted rows {start}..{stop - 1})")
+        rows = np.frombuffer(data, dtype=self._np_dtype).reshape(
+            (stop - start, *self._raw_shape[1:])
+        )
+        return _to_chw(rows, self._layout)
+
+    def _identity(self) -> dict:
+        return self._extra
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state.pop("_archive", None)
+        return state
+
+
+def _read_npy_header(handle, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    try:
+        major, _ = np.lib.format.read_magic(handle)
+        if major == 1:
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+    except ValueError as error:
+        raise ValueError(f"input: {where} is not a readable .npy array: {error}") from error
+    if dtype.hasobject:
+        raise TypeError(f"input: {where} holds Python objects; expected a numeric image array")
+    return tuple(shape), bool(fortran), dtype
+
+
+def open_npy(path: Path, spec: str, resize) -> ImageSource:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as error:
+        raise ValueError(f"input: {path} is not a readable .npy array: {error}") from error
+    return ArraySource(array, spec, "npy", resize, {"file_size": path.stat().st_size})
+
+
+def open_npz(path: Path, key: str | None, spec: str, resize) -> ImageSource:
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"input: {path} is not a readable .npz archive: {error}") from error
+    with archive:
+        keys = [n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")]
+        if key is None:
+            if len(keys) != 1:
+                raise ValueError(
+                    f"input: {path} holds {len(keys)} arrays {keys}; name one as '{path}:KEY'"
+                )
+            key = keys[0]
+        elif key not in keys:
+            raise ValueError(f"input: {path} has no array {key!r}; it holds {keys}")
+        spec = f"{path}:{key}"
+        info = archive.getinfo(key + ".npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return _ZipStreamSource(path, key, spec, resize, info.CRC, info.file_size)
+        with open(path, "rb") as handle:
+            handle.seek(info.header_offset)
+            local = handle.read(30)
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            member_start = info.header_offset + 30 + name_len + extra_len
+            handle.seek(member_start)
+            shape, fortran, dtype = _read_npy_header(handle, spec)
+            data_offset = handle.tell()
+    count = int(np.prod(shape)) if shape else 1
+    if data_offset + count * dtype.itemsize > path.stat().st_size:
+        raise ValueError(f"input: {spec} is truncated")
+    array = np.memmap(
+        path, dtype=dtype, mode="r", offset=data_offset, shape=shape, order="F" if fortran else "C"
+    )
+    identity = {"zip_crc32": info.CRC, "zip_size": info.file_size}
+    return ArraySource(array, spec, "npz", resize, identity)
