@@ -23,6 +23,7 @@ from torch.library import custom_op, triton_op
 from diffeo_engine import reference
 from diffeo_engine.physics import (
     check_cut,
+    check_field,
     check_finite,
     check_ids,
     check_images,
@@ -261,7 +262,9 @@ def deform(
         images, T, cut, seed, ids, interp, out_dtype
     )
     check_finite(images, allow_nonfinite=allow_nonfinite)
-    if _dispatch(images, cut, backend) == "interpreter":
+    route = _dispatch(images, cut, backend)
+    check_field(T, cut, images.shape[-2], images.shape[-1])
+    if route == "interpreter":
         check_T(T, T.shape[0], T.device)  # values (the reference operator checks its own)
         tau, _ = _kernels().perturb(
             images, T, ids, cut=cut, seed=seed, noise=None, interp=interp, out_dtype=out_dtype
@@ -295,7 +298,9 @@ def perturb(
         images, T, cut, seed, ids, interp, out_dtype
     )
     check_finite(images, allow_nonfinite=allow_nonfinite)
-    if _dispatch(images, cut, backend) == "interpreter":
+    route = _dispatch(images, cut, backend)
+    check_field(T, cut, images.shape[-2], images.shape[-1])
+    if route == "interpreter":
         check_T(T, T.shape[0], T.device)  # values (the reference operator checks its own)
         return _kernels().perturb(
             images, T, ids, cut=cut, seed=seed, noise=_noise_arg(sigma), interp=interp,
