@@ -213,12 +213,9 @@ def _spec(name: str | None):
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    import diffeo_engine  # cheap: its names load on first use
 
-    try:
-        return version("diffeo-engine")
-    except PackageNotFoundError:  # a source checkout that was never installed
-        return "unknown"
+    return diffeo_engine.__version__
 
 
 # ------------------------------------------------------------------------------- main

@@ -49,6 +49,7 @@ ID_LIMIT = 1 << 63  # ids are int64 and keyed into Philox as two 32-bit words
 # Above this typical displacement float32 pixel coordinates lose sub-pixel resolution
 # (2**23 is where their spacing reaches one pixel): the warp no longer follows the field.
 MAX_TYPICAL_DISPLACEMENT = float(1 << 22)
+DEGENERATE_MAX_CUT = 64  # images with a side of 2 pixels (zero field): a cost bound only
 
 
 class FoldingWarning(UserWarning):
@@ -342,6 +343,10 @@ def max_cut(H: int, W: int) -> int:
 def check_cut_for_image(cut: int, H: int, W: int) -> int:
     """``cut`` at most :func:`max_cut` of the image (beyond it nothing new is added)."""
     limit = max_cut(H, W)
+    if min(H, W) <= 2:
+        # every sine vanishes on a 2-pixel side: the field is 0 whatever ``cut``; only the
+        # cost is bounded (the kernels' largest cut)
+        limit = DEGENERATE_MAX_CUT
     if _is_integer(cut) and cut > limit:
         raise ValueError(
             f"cut: expected an integer <= {limit} for {H}x{W} images, got {cut} (modes beyond "
