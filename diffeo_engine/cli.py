@@ -279,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"diffeo-engine {command}" if command != "diffeo-engine" else command
     try:
         parser = build_parser(argv)
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as done:  # --help, --version, or a usage error already printed
+            return done.code if isinstance(done.code, int) else 0
         if args.command is None:
             parser.print_help()
             return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -375,9 +376,14 @@ def load_weights(model: nn.Module, path, *, strict: bool = True, device=None) ->
     if head.startswith(b"PK"):  # torch.save's zip container
         try:
             state = torch.load(path, map_location=device, weights_only=True)
-        except Exception as error:  # UnpicklingError (pickled objects), a damaged zip, ...
+        except pickle.UnpicklingError:
+            raise ValueError(
+                f"path: {path!r} is not a state dict of tensors: it holds pickled Python "
+                "objects, which are not loaded (save model.state_dict() instead)"
+            ) from None
+        except (RuntimeError, EOFError, ValueError) as error:  # a damaged zip, ...
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise ValueError(f"path: {path!r} is not a saved state dict: {first[:200]}") from error
+            raise ValueError(f"path: {path!r} is not a saved state dict: {first[:200]}") from None
         if not isinstance(state, dict):
             raise ValueError(f"path: {path!r} holds a {type(state).__name__}, not a state dict")
     else:

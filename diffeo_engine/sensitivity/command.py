@@ -138,12 +138,17 @@ def _torch_load(path: Path):
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except pickle.UnpicklingError:
         raise ValueError(
-            f"--weights: {path} is not a state dict saved with torch.save (or .safetensors): "
+            f"--weights: {path} is not a state dict of tensors: it holds pickled Python "
+            "objects, which are not loaded (save model.state_dict() instead)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, AttributeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"--weights: {path} is not a file written by torch.save (or .safetensors): "
             f"{first[:200]}"
-        ) from error
+        ) from None
 
 
 def _open_data(spec: str, resize=None):
@@ -361,14 +366,14 @@ def _run(args: argparse.Namespace, ctx) -> int:
         )
     model_args = _parse_kwargs(args.model_arg)
     inferred = infer_model_args(args.model, model_args, tuple(source.shape))
-    if inferred:
-        shown = ", ".join(f"{k}={v}" for k, v in inferred.items())
-        _say(ctx, f"{args.model}: {shown} (from the data's shape {tuple(source.shape)})")
     model_args = {**inferred, **model_args}
     model = build_model(args.model, model_args, seed=args.seed)
     if args.weights:
         load_weights(model, args.weights)
-    else:
+    if inferred:
+        shown = ", ".join(f"{k}={v}" for k, v in inferred.items())
+        _say(ctx, f"{args.model}: {shown} (from the data's shape {tuple(source.shape)})")
+    if not args.weights:
         _say(
             ctx,
             f"no --weights: measuring an untrained {args.model} (its initial weights, "
