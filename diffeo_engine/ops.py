@@ -263,7 +263,7 @@ def deform(
     )
     check_finite(images, allow_nonfinite=allow_nonfinite)
     route = _dispatch(images, cut, backend)
-    check_field(T, cut, images.shape[-2], images.shape[-1])
+    check_field(T, cut, images.shape[-2], images.shape[-1], ids)
     if route == "interpreter":
         check_T(T, T.shape[0], T.device)  # values (the reference operator checks its own)
         tau, _ = _kernels().perturb(
@@ -299,7 +299,7 @@ def perturb(
     )
     check_finite(images, allow_nonfinite=allow_nonfinite)
     route = _dispatch(images, cut, backend)
-    check_field(T, cut, images.shape[-2], images.shape[-1])
+    check_field(T, cut, images.shape[-2], images.shape[-1], ids)
     if route == "interpreter":
         check_T(T, T.shape[0], T.device)  # values (the reference operator checks its own)
         return _kernels().perturb(

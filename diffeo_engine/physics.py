@@ -193,8 +193,10 @@ def check_ids(ids, n_images: int, device: torch.device | str | None) -> torch.Te
     """Image ids as an int64 tensor of shape ``(n_images,)``; ``None`` means ``0..n-1``.
 
     Ids are integers in ``[0, 2**63)``: a sequence, any iterable (read once, e.g. a
-    generator) or an integer tensor. Values are checked for Python input and CPU tensors
-    (a CUDA tensor's values are not read: that would cost a device sync per call).
+    generator) or an integer tensor. Python values are checked here; a tensor's are
+    checked by :func:`check_field` for ``deform``/``perturb`` (CPU tensors: reading a CUDA
+    tensor would cost a device sync), while :mod:`~diffeo_engine.rng` keeps any int64 id
+    as its 64-bit pattern.
     """
     if ids is None:
         return torch.arange(n_images, dtype=torch.int64, device=device)
@@ -224,12 +226,7 @@ def check_ids(ids, n_images: int, device: torch.device | str | None) -> torch.Te
         raise ValueError(
             f"ids: expected one id per image, shape ({n_images},), got {tuple(ids.shape)}"
         )
-    ids = ids.to(torch.int64)
-    if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
-        low = int(ids.min())
-        if low < 0:
-            raise ValueError(f"ids: expected {bound}, got {low}")
-    return ids
+    return ids.to(torch.int64)
 
 
 def _iterable(value) -> bool:
@@ -355,23 +352,29 @@ def check_cut_for_image(cut: int, H: int, W: int) -> int:
     return cut
 
 
-def check_field(T, cut: int, H: int, W: int) -> None:
+def check_field(T, cut: int, H: int, W: int, ids=None) -> None:
     """``T`` and ``cut`` against the image size, before the field is drawn.
 
-    ``cut`` above :func:`max_cut` is refused. A typical displacement above
-    ``MAX_TYPICAL_DISPLACEMENT`` pixels (float32 coordinates lose sub-pixel resolution) is
-    refused naming ``T``; ``T`` above ``T_max`` warns (:class:`FoldingWarning`): the field
-    folds the image. Values of a tensor ``T`` are read only on the CPU (no device sync),
-    and not at all under ``torch.compile``.
+    ``cut`` above :func:`max_cut` is refused, and so are negative ``ids`` (a CPU tensor). A
+    typical displacement above ``MAX_TYPICAL_DISPLACEMENT`` pixels (float32 coordinates
+    lose sub-pixel resolution) is refused naming ``T``; ``T`` above ``T_max`` warns
+    (:class:`FoldingWarning`): the field folds the image. Values of a tensor ``T`` are read
+    only on the CPU (no device sync), and not at all under ``torch.compile``.
     """
     check_cut_for_image(cut, H, W)
-    if torch.compiler.is_compiling() or not _is_integer(cut) or cut < 2:
+    if torch.compiler.is_compiling():
+        return
+    if torch.is_tensor(ids) and ids.device.type == "cpu" and ids.numel():
+        low = int(ids.min())
+        if low < 0:
+            raise ValueError(f"ids: expected integers in [0, 2**63), got {low}")
+    if not _is_integer(cut) or cut < 2:
         return
     if torch.is_tensor(T):
         if T.device.type != "cpu" or T.numel() == 0:
             return
         T = float(T.max())
-    elif isinstance(T, bool) or not isinstance(T, numbers.Real) or not math.isfinite(T):
+    if isinstance(T, bool) or not isinstance(T, numbers.Real) or not math.isfinite(T) or T < 0:
         return  # check_T names the problem
     side = math.sqrt(H * W)
     shift = typical_displacement(max(float(T), 0.0), cut, side)

@@ -181,7 +181,7 @@ def check_noise(noise) -> float | None:
 def _fields_for(images: torch.Tensor, T, cut: int, seed: int, ids) -> tuple:
     B, _, H, W = images.shape
     ids = check_ids(ids, B, images.device)
-    check_field(T, cut, H, W)
+    check_field(T, cut, H, W, ids)
     coeffs = sample_coefficients(B, cut, T, seed=seed, ids=ids, device=images.device)
     # float64 then one rounding: an image's field does not depend on the batch it sits in
     return ids, displacement_field(coeffs.to(torch.float64), H, W).to(torch.float32)

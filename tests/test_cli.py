@@ -110,6 +110,28 @@ def test_sensitivity_refuses_an_out_that_is_a_file_before_any_work(mnist_like, t
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["reproduce", "--quick", "--out", "{file}"],
+        ["generate", "--input", "{file}", "--out", "{file}", "--T", "0.001", "--cut", "3",
+         "--per-image", "1", "--seed", "0"],
+        ["bench", "--smoke", "--out", "{file}/inside.json"],
+        ["demo", "--out", "{file}/d.png"],
+        ["demo", "--out", "{folder}"],
+    ],
+)  # fmt: skip
+def test_every_output_path_is_checked_before_any_work(argv, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    argv = [a.format(file=taken, folder=tmp_path) for a in argv]
+    code, out, err = run_cli(argv, capsys)
+    assert code == 2 and out == ""
+    assert_one_line(err, "--out")
+    assert taken.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.parametrize(
     ("extra", "words"),
     [
         (["--dist-timeout", "-5"], ["--dist-timeout", "-5"]),
@@ -280,3 +302,20 @@ def test_show_index_out_of_range_is_one_line(mnist_like, tmp_path, capsys):
                            capsys)  # fmt: skip
     assert code == 2
     assert_one_line(err, "--index", "[0, 12)")
+
+
+def test_train_load_weights_refuses_what_is_not_a_state_dict(tmp_path):
+    from diffeo_engine.models.train import load_weights
+
+    model = torch.nn.Linear(2, 2)
+    pickled, listed, damaged = tmp_path / "o.pt", tmp_path / "l.pt", tmp_path / "d.pt"
+    torch.save({"net": torch.nn.Linear(2, 2)}, pickled)
+    torch.save([torch.zeros(2)], listed)
+    torch.save(model.state_dict(), damaged)
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[: len(data) // 2])
+    for path, match in ((pickled, "pickled Python objects"), (listed, "holds a list"),
+                        (damaged, "not a saved state dict")):  # fmt: skip
+        with pytest.raises(ValueError, match=match) as info:
+            load_weights(model, path)
+        assert "\n" not in str(info.value)
