@@ -197,6 +197,9 @@ def perturbation_figure(
 def save_perturbation_figure(path: str | os.PathLike, image: torch.Tensor, **kwargs) -> str:
     """Draw :func:`perturbation_figure` and write it to ``path`` (format from the suffix)."""
     figure = perturbation_figure(image, **kwargs)
+    folder = os.path.dirname(os.fspath(path))
+    if folder:
+        os.makedirs(folder, exist_ok=True)
     figure.savefig(os.fspath(path), dpi=100)
     return os.fspath(path)
 
