@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "CutWarning",
     "FoldingWarning",
     "check_T",
     "check_choice",
@@ -49,11 +50,15 @@ ID_LIMIT = 1 << 63  # ids are int64 and keyed into Philox as two 32-bit words
 # Above this typical displacement float32 pixel coordinates lose sub-pixel resolution
 # (2**23 is where their spacing reaches one pixel): the warp no longer follows the field.
 MAX_TYPICAL_DISPLACEMENT = float(1 << 22)
-DEGENERATE_MAX_CUT = 64  # images with a side of 2 pixels (zero field): a cost bound only
+CUT_COST_BOUND = 64  # above max_cut, cuts up to this run (with a CutWarning); beyond: refused
 
 
 class FoldingWarning(UserWarning):
     """``T`` above ``T_max``: the field folds the image (it is no longer a diffeomorphism)."""
+
+
+class CutWarning(UserWarning):
+    """``cut`` above :func:`max_cut`: the extra modes only alias lower ones."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -338,16 +343,29 @@ def max_cut(H: int, W: int) -> int:
 
 
 def check_cut_for_image(cut: int, H: int, W: int) -> int:
-    """``cut`` at most :func:`max_cut` of the image (beyond it nothing new is added)."""
+    """``cut`` against :func:`max_cut` of an ``H x W`` image.
+
+    Above ``max(max_cut(H, W), CUT_COST_BOUND)`` it is refused: only aliases are added, at
+    a cost growing as ``cut^2``. Between ``max_cut`` and ``CUT_COST_BOUND`` (64, the
+    kernels' largest) it runs with a :class:`CutWarning`, so that small test images can
+    still exercise large cuts. Images with a 2-pixel side have a zero field: no warning.
+    """
+    if not _is_integer(cut):
+        return cut
     limit = max_cut(H, W)
-    if min(H, W) <= 2:
-        # every sine vanishes on a 2-pixel side: the field is 0 whatever ``cut``; only the
-        # cost is bounded (the kernels' largest cut)
-        limit = DEGENERATE_MAX_CUT
-    if _is_integer(cut) and cut > limit:
+    hard = max(limit, CUT_COST_BOUND)
+    if cut > hard:
         raise ValueError(
-            f"cut: expected an integer <= {limit} for {H}x{W} images, got {cut} (modes beyond "
-            "the pixel grid's Nyquist limit only alias lower ones)"
+            f"cut: expected an integer <= {hard} for {H}x{W} images, got {cut} (modes beyond "
+            f"cut = {limit} only alias lower ones on this pixel grid)"
+        )
+    if cut > limit and min(H, W) > 2 and not torch.compiler.is_compiling():
+        warnings.warn(
+            f"cut: {cut} is above {limit}, the largest cut that adds a mode on {H}x{W} "
+            "images; the extra modes alias lower ones (the field no longer follows the "
+            "max-entropy law)",
+            CutWarning,
+            stacklevel=4,
         )
     return cut
 
@@ -355,10 +373,10 @@ def check_cut_for_image(cut: int, H: int, W: int) -> int:
 def check_field(T, cut: int, H: int, W: int, ids=None) -> None:
     """``T`` and ``cut`` against the image size, before the field is drawn.
 
-    ``cut`` above :func:`max_cut` is refused, and so are negative ``ids`` (a CPU tensor). A
-    typical displacement above ``MAX_TYPICAL_DISPLACEMENT`` pixels (float32 coordinates
-    lose sub-pixel resolution) is refused naming ``T``; ``T`` above ``T_max`` warns
-    (:class:`FoldingWarning`): the field folds the image. Values of a tensor ``T`` are read
+    ``cut`` is checked by :func:`check_cut_for_image`; negative ``ids`` (a CPU tensor) are
+    refused. A typical displacement above ``MAX_TYPICAL_DISPLACEMENT`` pixels (float32
+    coordinates lose sub-pixel resolution) is refused naming ``T``; ``T`` above ``T_max``
+    warns (:class:`FoldingWarning`): the field folds the image. Values of a tensor ``T`` are read
     only on the CPU (no device sync), and not at all under ``torch.compile``.
     """
     check_cut_for_image(cut, H, W)

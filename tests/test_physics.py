@@ -121,9 +121,9 @@ IMAGES = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(16))
         (lambda b: de.deform(IMAGES, 0.001, 3.0, seed=0, backend=b), TypeError, "cut"),
         (lambda b: de.deform(IMAGES, 0.001, 3, seed=1.0, backend=b), TypeError, "seed"),
         (
-            lambda b: de.deform(IMAGES, 0.001, 21, seed=0, backend=b),
+            lambda b: de.deform(IMAGES, 0.001, 65, seed=0, backend=b),
             ValueError,
-            "cut: expected an integer <= 20 for 16x16 images",
+            "cut: expected an integer <= 64 for 16x16 images, got 65 \\(modes beyond cut = 20",
         ),
         (lambda b: de.deform(IMAGES, 0.001, 3000, seed=0, backend=b), ValueError, "cut"),
         (
@@ -188,7 +188,15 @@ def test_the_cut_bound_is_where_new_modes_stop():
         bound = physics.max_cut(H, W)
         assert kept(bound) == distinct  # every distinguishable mode is in at max_cut
         assert kept(bound - 1) != distinct  # and one is missing just below it
-    de.deform(IMAGES, 0.0001, physics.max_cut(16, 16), seed=0)  # the bound itself runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", physics.CutWarning)
+        de.deform(IMAGES, 0.0001, physics.max_cut(16, 16), seed=0)  # the bound runs silently
+    with pytest.warns(physics.CutWarning, match="cut: 21 is above 20, .* alias"):
+        de.deform(IMAGES, 0.0001, 21, seed=0)  # above it: runs (cost bounded), with a warning
+    big = torch.rand(1, 1, 60, 60)
+    assert physics.max_cut(60, 60) == 82
+    with pytest.raises(ValueError, match="cut: expected an integer <= 82 for 60x60 images"):
+        de.deform(big, 0.0001, 83, seed=0, backend="torch")
 
 
 def test_check_device():
