@@ -218,6 +218,7 @@ def _static_args(images, T, cut, seed, ids, interp, out_dtype):
     out_dtype = check_out_dtype(out_dtype, images)
     seed = check_seed(seed)
     check_cut(cut)
+    check_field(T, cut, images.shape[-2], images.shape[-1], ids)  # before T becomes a tensor
     B = images.shape[0]
     if torch.is_tensor(T) and images.device.type != "cpu" and not torch.compiler.is_compiling():
         check_T(T, B, images.device)  # values: one host sync, skipped when traced
@@ -262,9 +263,7 @@ def deform(
         images, T, cut, seed, ids, interp, out_dtype
     )
     check_finite(images, allow_nonfinite=allow_nonfinite)
-    route = _dispatch(images, cut, backend)
-    check_field(T, cut, images.shape[-2], images.shape[-1], ids)
-    if route == "interpreter":
+    if _dispatch(images, cut, backend) == "interpreter":
         check_T(T, T.shape[0], T.device)  # values (the reference operator checks its own)
         tau, _ = _kernels().perturb(
             images, T, ids, cut=cut, seed=seed, noise=None, interp=interp, out_dtype=out_dtype
@@ -298,9 +297,7 @@ def perturb(
         images, T, cut, seed, ids, interp, out_dtype
     )
     check_finite(images, allow_nonfinite=allow_nonfinite)
-    route = _dispatch(images, cut, backend)
-    check_field(T, cut, images.shape[-2], images.shape[-1], ids)
-    if route == "interpreter":
+    if _dispatch(images, cut, backend) == "interpreter":
         check_T(T, T.shape[0], T.device)  # values (the reference operator checks its own)
         return _kernels().perturb(
             images, T, ids, cut=cut, seed=seed, noise=_noise_arg(sigma), interp=interp,
