@@ -61,8 +61,10 @@ class Diffeo(nn.Module):
     given, a per-module counter of the images seen so far supplies them (call ``k`` on one
     image gets id ``k``), so a per-sample pipeline gives each sample its own field. In a
     ``DataLoader`` with workers the counter is per worker and interleaved by worker id
-    (``count * num_workers + worker_id``); for fields tied to the data-set index pass
-    ``ids`` (the index) explicitly. ``reset()`` sets the counter back to 0.
+    (``count * num_workers + worker_id``); workers that are re-created every epoch start
+    their counters again, so each epoch sees the same fields (use ``seed=None`` for fresh
+    ones). For fields tied to the data-set index pass ``ids`` (the index) explicitly.
+    ``reset()`` sets the counter back to 0.
     """
 
     def __init__(
