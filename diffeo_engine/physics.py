@@ -2,7 +2,8 @@
 
 The formulas are those of Petrini et al. (NeurIPS 2021), written out in design.md
 section 2. Validation lives here, once, and every layer above imports it: bad input
-raises ``ValueError``/``TypeError`` naming the argument and what was expected.
+raises ``ValueError``/``TypeError`` naming the argument and what was expected. (A little
+over 500 lines: the checks stay together so that there is one place to look.)
 """
 
 from __future__ import annotations
