@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -157,7 +158,9 @@ def resolve_timeout(timeout_s: float | None = None) -> float:
             timeout_s = float(text)
         except ValueError:
             raise ValueError(f"{TIMEOUT_ENV}: expected seconds, got {text!r}") from None
-    if not timeout_s > 0:
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+        raise TypeError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
         raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s}")
     return float(timeout_s)
 
@@ -173,6 +176,8 @@ def distributed_session(
     collective fails after ``timeout_s`` (default: ``$DIFFEO_ENGINE_DIST_TIMEOUT``, else
     300 s) if a rank does not join it.
     """
+    if timeout_s is not None:
+        resolve_timeout(timeout_s)  # a bad value is refused with or without torchrun
     if not in_torchrun():
         yield DistributedContext()
         return

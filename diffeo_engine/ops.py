@@ -23,6 +23,7 @@ from torch.library import custom_op, triton_op
 from diffeo_engine import reference
 from diffeo_engine.physics import (
     check_cut,
+    check_field,
     check_finite,
     check_ids,
     check_images,
@@ -217,6 +218,7 @@ def _static_args(images, T, cut, seed, ids, interp, out_dtype):
     out_dtype = check_out_dtype(out_dtype, images)
     seed = check_seed(seed)
     check_cut(cut)
+    check_field(T, cut, images.shape[-2], images.shape[-1], ids)  # before T becomes a tensor
     B = images.shape[0]
     if torch.is_tensor(T) and images.device.type != "cpu" and not torch.compiler.is_compiling():
         check_T(T, B, images.device)  # values: one host sync, skipped when traced

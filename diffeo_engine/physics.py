@@ -2,29 +2,40 @@
 
 The formulas are those of Petrini et al. (NeurIPS 2021), written out in design.md
 section 2. Validation lives here, once, and every layer above imports it: bad input
-raises ``ValueError``/``TypeError`` naming the argument and what was expected.
+raises ``ValueError``/``TypeError`` naming the argument and what was expected. (A little
+over 500 lines: the checks stay together so that there is one place to look.)
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 __all__ = [
+    "CutWarning",
+    "FoldingWarning",
     "check_T",
     "check_choice",
     "check_cut",
+    "check_cut_for_image",
+    "check_device",
+    "check_displacement",
+    "check_field",
     "check_finite",
     "check_float",
     "check_ids",
     "check_images",
+    "check_in_dtype",
     "check_int",
     "check_int_or_pair",
+    "check_scalar_T",
     "check_seed",
     "check_stream",
+    "max_cut",
     "mode_mask",
     "mode_variances",
     "pixel_variance",
@@ -36,6 +47,19 @@ __all__ = [
 
 IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SEED_LIMIT = 1 << 63
+ID_LIMIT = 1 << 63  # ids are int64 and keyed into Philox as two 32-bit words
+# Above this typical displacement float32 pixel coordinates lose sub-pixel resolution
+# (2**23 is where their spacing reaches one pixel): the warp no longer follows the field.
+MAX_TYPICAL_DISPLACEMENT = float(1 << 22)
+CUT_COST_BOUND = 64  # above max_cut, cuts up to this run (with a CutWarning); beyond: refused
+
+
+class FoldingWarning(UserWarning):
+    """``T`` above ``T_max``: the field folds the image (it is no longer a diffeomorphism)."""
+
+
+class CutWarning(UserWarning):
+    """``cut`` above :func:`max_cut`: the extra modes only alias lower ones."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -135,6 +159,11 @@ def _check_scalar_T(T) -> float:
     return float(T)
 
 
+def check_scalar_T(T) -> float:
+    """One temperature: a finite real number ``>= 0`` (``bool`` refused)."""
+    return _check_scalar_T(T)
+
+
 def check_T(T, n_images: int, device: torch.device, *, check_values: bool = True) -> torch.Tensor:
     """``T`` as a float32 tensor of shape ``(n_images,)`` on ``device``.
 
@@ -143,7 +172,9 @@ def check_T(T, n_images: int, device: torch.device, *, check_values: bool = True
     unless ``check_values`` is off, as under ``torch.compile`` where values are unknown).
     """
     if not torch.is_tensor(T):
-        return torch.full((n_images,), _check_scalar_T(T), dtype=torch.float32, device=device)
+        value = _check_scalar_T(T)
+        check_in_dtype("T", value, torch.float32, what="temperatures are float32")
+        return torch.full((n_images,), value, dtype=torch.float32, device=device)
     if not T.is_floating_point():
         raise TypeError(f"T: expected a floating-point tensor, got dtype {T.dtype}")
     if T.device != torch.device(device):
@@ -160,20 +191,40 @@ def check_T(T, n_images: int, device: torch.device, *, check_values: bool = True
             raise ValueError("T: expected finite temperatures, got NaN or inf")
         if bool((T < 0).any()):
             raise ValueError(f"T: expected temperatures >= 0, got minimum {float(T.min())}")
+        check_in_dtype("T", float(T.max()), torch.float32, what="temperatures are float32")
     return T.to(torch.float32).contiguous()
 
 
 def check_ids(ids, n_images: int, device: torch.device | str | None) -> torch.Tensor:
-    """Image ids as an int64 tensor of shape ``(n_images,)``; ``None`` means ``0..n-1``."""
+    """Image ids as an int64 tensor of shape ``(n_images,)``; ``None`` means ``0..n-1``.
+
+    Ids are integers in ``[0, 2**63)``: a sequence, any iterable (read once, e.g. a
+    generator) or an integer tensor. Python values are checked here; a tensor's are
+    checked by :func:`check_field` for ``deform``/``perturb`` (CPU tensors: reading a CUDA
+    tensor would cost a device sync), while :mod:`~diffeo_engine.rng` keeps any int64 id
+    as its 64-bit pattern.
+    """
     if ids is None:
         return torch.arange(n_images, dtype=torch.int64, device=device)
+    bound = "integers in [0, 2**63)"
     if not torch.is_tensor(ids):
-        if not all(_is_integer(i) for i in ids):
-            raise TypeError("ids: expected integers (an int64 tensor or a sequence of ints)")
-        ids = torch.as_tensor(list(ids), dtype=torch.int64, device=device)
-    elif ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        if _is_integer(ids) or isinstance(ids, (str, bytes)) or not _iterable(ids):
+            raise TypeError(
+                f"ids: expected {n_images} {bound} (a sequence or an int64 tensor), "
+                f"got {type(ids).__name__} {ids!r}"
+            )
+        values = list(ids)  # an iterator (a generator) is read exactly once
+        for value in values:
+            if not _is_integer(value):
+                raise TypeError(f"ids: expected {bound}, got {value!r}")
+            if not 0 <= value < ID_LIMIT:
+                raise ValueError(f"ids: expected {bound}, got {value}")
+        if len(values) != n_images:
+            raise ValueError(f"ids: expected one id per image ({n_images}), got {len(values)}")
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"ids: expected an integer tensor, got dtype {ids.dtype}")
-    elif device is not None and ids.device != torch.device(device):
+    if device is not None and ids.device != torch.device(device):
         raise ValueError(
             f"ids: expected a tensor on {device} (the images' device), got {ids.device}"
         )
@@ -182,6 +233,14 @@ def check_ids(ids, n_images: int, device: torch.device | str | None) -> torch.Te
             f"ids: expected one id per image, shape ({n_images},), got {tuple(ids.shape)}"
         )
     return ids.to(torch.int64)
+
+
+def _iterable(value) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
 
 
 def check_images(images, name: str = "images") -> torch.Tensor:
@@ -199,6 +258,11 @@ def check_images(images, name: str = "images") -> torch.Tensor:
     H, W = images.shape[-2:]
     if H < 2 or W < 2:
         raise ValueError(f"{name}: expected H >= 2 and W >= 2, got H={H}, W={W}")
+    if images.device.type == "meta" and not torch.compiler.is_compiling():
+        raise ValueError(
+            f"{name}: expected a tensor with data, got one on the meta device (it has only a "
+            "shape); move it to cpu or cuda first"
+        )
     return images
 
 
@@ -249,9 +313,151 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 
 
 def check_interp(interp: str) -> str:
+    if not isinstance(interp, str):
+        raise TypeError(f"interp: expected 'bilinear' or 'nearest', got {interp!r}")
     if interp not in ("bilinear", "nearest"):
         raise ValueError(f"interp: expected 'bilinear' or 'nearest', got {interp!r}")
     return interp
+
+
+def check_in_dtype(name: str, value: float, dtype: torch.dtype, *, what: str = "") -> float:
+    """``value`` stays finite once converted to ``dtype`` (1e39 is inf in float32)."""
+    if dtype.is_floating_point and abs(value) > torch.finfo(dtype).max:
+        why = f" ({what})" if what else ""
+        raise ValueError(
+            f"{name}: {value:g} overflows {str(dtype).replace('torch.', '')}{why}; expected at "
+            f"most {torch.finfo(dtype).max:.3g}"
+        )
+    return value
+
+
+def max_cut(H: int, W: int) -> int:
+    """The largest ``cut`` that adds a new mode on an ``H x W`` pixel grid.
+
+    On the grid ``t = k / (n - 1)`` the sines ``sin(i pi t)`` with ``i <= n - 2`` are the
+    independent ones (``i = n - 1`` vanishes at every pixel, larger ``i`` alias smaller
+    ones). The disc ``sqrt(i^2 + j^2) < cut + 1/2`` holds every mode with ``i <= W - 2``,
+    ``j <= H - 2`` once ``cut + 1/2 > sqrt((W - 2)^2 + (H - 2)^2)``; a larger ``cut`` adds
+    only aliases (and costs ``cut^2``).
+    """
+    return max(1, math.floor(math.hypot(W - 2, H - 2) - 0.5) + 1)
+
+
+def check_cut_for_image(cut: int, H: int, W: int) -> int:
+    """``cut`` against :func:`max_cut` of an ``H x W`` image.
+
+    Above ``max(max_cut(H, W), CUT_COST_BOUND)`` it is refused: only aliases are added, at
+    a cost growing as ``cut^2``. Between ``max_cut`` and ``CUT_COST_BOUND`` (64, the
+    kernels' largest) it runs with a :class:`CutWarning`, so that small test images can
+    still exercise large cuts. Images with a 2-pixel side have a zero field: no warning.
+    """
+    if not _is_integer(cut):
+        return cut
+    limit = max_cut(H, W)
+    hard = max(limit, CUT_COST_BOUND)
+    if cut > hard:
+        raise ValueError(
+            f"cut: expected an integer <= {hard} for {H}x{W} images, got {cut} (modes beyond "
+            f"cut = {limit} only alias lower ones on this pixel grid)"
+        )
+    if cut > limit and min(H, W) > 2 and not torch.compiler.is_compiling():
+        warnings.warn(
+            f"cut: {cut} is above {limit}, the largest cut that adds a mode on {H}x{W} "
+            "images; the extra modes alias lower ones (the field no longer follows the "
+            "max-entropy law)",
+            CutWarning,
+            stacklevel=4,
+        )
+    return cut
+
+
+def check_field(T, cut: int, H: int, W: int, ids=None) -> None:
+    """``T`` and ``cut`` against the image size, before the field is drawn.
+
+    ``cut`` is checked by :func:`check_cut_for_image`; negative ``ids`` (a CPU tensor) are
+    refused. A typical displacement above ``MAX_TYPICAL_DISPLACEMENT`` pixels (float32
+    coordinates lose sub-pixel resolution) is refused naming ``T``; ``T`` above ``T_max``
+    warns (:class:`FoldingWarning`): the field folds the image. Values of a tensor ``T`` are read
+    only on the CPU (no device sync), and not at all under ``torch.compile``.
+    """
+    check_cut_for_image(cut, H, W)
+    if torch.compiler.is_compiling():
+        return
+    if torch.is_tensor(ids) and ids.device.type == "cpu" and ids.numel():
+        low = int(ids.min())
+        if low < 0:
+            raise ValueError(f"ids: expected integers in [0, 2**63), got {low}")
+    if not _is_integer(cut) or cut < 2:
+        return
+    if torch.is_tensor(T):
+        if T.device.type != "cpu" or T.numel() == 0:
+            return
+        T = float(T.max())
+    if isinstance(T, bool) or not isinstance(T, numbers.Real) or not math.isfinite(T) or T < 0:
+        return  # check_T names the problem
+    side = math.sqrt(H * W)
+    shift = typical_displacement(max(float(T), 0.0), cut, side)
+    if shift > MAX_TYPICAL_DISPLACEMENT:
+        raise ValueError(
+            f"T: {T:g} gives a typical displacement of {shift:.3g} px on {H}x{W} images; "
+            f"expected at most {MAX_TYPICAL_DISPLACEMENT:.3g} px (T_max is "
+            f"{temperature_range(side, cut)[1]:.3g} for cut={cut})"
+        )
+    fold = temperature_range(side, cut)[1]
+    if fold < T:
+        warnings.warn(
+            f"T: {T:g} is above T_max = {fold:.3g} for cut={cut} on {H}x{W} images: the "
+            f"field folds the image (typical displacement {shift:.3g} px)",
+            FoldingWarning,
+            stacklevel=3,
+        )
+
+
+def check_displacement(displacement: torch.Tensor) -> torch.Tensor:
+    """A displacement field must be finite (NaN would index outside the image)."""
+    if torch.compiler.is_compiling() or displacement.device.type == "meta":
+        return displacement
+    finite = torch.isfinite(displacement)
+    if not bool(finite.all()):
+        first = int((~finite).flatten(1).any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"displacement: {int((~finite).sum())} value(s) are NaN or inf (first in image "
+            f"{first}); expected a finite field in pixels"
+        )
+    return displacement
+
+
+def check_device(value, name: str = "device") -> torch.device:
+    """A device torch knows and this machine has (``'gpu'`` and ``'cuda'`` without CUDA
+    are refused in one line)."""
+    if isinstance(value, torch.device):
+        device = value
+    else:
+        if not isinstance(value, str):
+            raise TypeError(f"{name}: expected a device such as 'cpu' or 'cuda', got {value!r}")
+        try:
+            device = torch.device(value)
+        except RuntimeError:
+            hint = " (did you mean 'cuda'?)" if value.lower().startswith("gpu") else ""
+            raise ValueError(
+                f"{name}: expected a device such as 'cpu', 'cuda' or 'cuda:1', got {value!r}{hint}"
+            ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{name}: {value!r} asked for, but CUDA is not available here (torch "
+                f"{torch.__version__}, no usable GPU); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{name}: {value!r} asked for, but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{name}: {value!r} asked for, but MPS is not available here")
+    elif device.type == "meta":
+        raise ValueError(f"{name}: the meta device holds no data; use cpu or cuda")
+    return device
 
 
 # ----------------------------------------------------------------------------- physics

@@ -13,9 +13,12 @@ import torch
 from diffeo_engine import rng
 from diffeo_engine.physics import (
     check_cut,
+    check_displacement,
+    check_field,
     check_finite,
     check_ids,
     check_images,
+    check_in_dtype,
     check_interp,
     check_out_dtype,
     check_seed,
@@ -157,6 +160,7 @@ def warp(
             f"displacement: expected a tensor on {images.device} (the images' device), "
             f"got {displacement.device}"
         )
+    check_displacement(displacement)
     values = _warp_values(images, displacement, interp)
     return to_dtype(values, out_dtype).contiguous(memory_format=memory_format_of(images))
 
@@ -171,12 +175,13 @@ def check_noise(noise) -> float | None:
         raise TypeError(f"noise: expected 'matched' or a float sigma >= 0, got {noise!r}")
     if not float(noise) >= 0 or noise == float("inf"):
         raise ValueError(f"noise: expected a finite sigma >= 0, got {noise}")
-    return float(noise)
+    return check_in_dtype("noise", float(noise), torch.float32, what="noise is drawn in float32")
 
 
 def _fields_for(images: torch.Tensor, T, cut: int, seed: int, ids) -> tuple:
     B, _, H, W = images.shape
     ids = check_ids(ids, B, images.device)
+    check_field(T, cut, H, W, ids)
     coeffs = sample_coefficients(B, cut, T, seed=seed, ids=ids, device=images.device)
     # float64 then one rounding: an image's field does not depend on the batch it sits in
     return ids, displacement_field(coeffs.to(torch.float64), H, W).to(torch.float32)

@@ -18,7 +18,7 @@ from torch import nn
 
 from diffeo_engine.physics import check_seed
 
-__all__ = ["get_model", "list_models", "register_model"]
+__all__ = ["get_model", "list_models", "model_parameters", "register_model"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _EXTERNAL = ("torchvision", "timm")
@@ -65,6 +65,32 @@ def list_models(pattern: str | None = None) -> list[str]:
             raise TypeError(f"pattern: expected a glob string, got {pattern!r}")
         names = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
     return names
+
+
+def model_parameters(name: str) -> list[str] | None:
+    """The keyword arguments the built-in model ``name`` accepts, or None when it is not a
+    built-in name or takes ``**kwargs`` (the CLI fills ``in_channels``/``input_size`` from
+    the data when they are accepted and not given)."""
+    if not isinstance(name, str) or ":" in name:
+        return None
+    _ensure_builtins()
+    factory = _REGISTRY.get(name)
+    return None if factory is None else _keyword_names(factory)
+
+
+def _keyword_names(factory) -> list[str] | None:
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    params = signature.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
 
 
 def _check_kwargs(name: str, factory, kwargs: dict) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -373,7 +374,18 @@ def load_weights(model: nn.Module, path, *, strict: bool = True, device=None) ->
         head = handle.read(4)
     device = _resolve_device(model, device)
     if head.startswith(b"PK"):  # torch.save's zip container
-        state = torch.load(path, map_location=device, weights_only=True)
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except pickle.UnpicklingError:
+            raise ValueError(
+                f"path: {path!r} is not a state dict of tensors: it holds pickled Python "
+                "objects, which are not loaded (save model.state_dict() instead)"
+            ) from None
+        except (RuntimeError, EOFError, ValueError) as error:  # a damaged zip, ...
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"path: {path!r} is not a saved state dict: {first[:200]}") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"path: {path!r} holds a {type(state).__name__}, not a state dict")
     else:
         if not _has_safetensors():
             raise ImportError(f"path: {path!r} is not a torch file and safetensors is missing")

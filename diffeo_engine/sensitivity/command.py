@@ -119,7 +119,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             ) from error
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch_load(path)
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -132,11 +132,72 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise ValueError(f"--weights: {path} does not fit the model: {error}") from error
 
 
-def _open_data(spec: str):
+def _torch_load(path: Path):
+    """``torch.load(weights_only=True)``; a file that is not a saved state dict is one line."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"--weights: {path} is not a state dict of tensors: it holds pickled Python "
+            "objects, which are not loaded (save model.state_dict() instead)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, AttributeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(
+            f"--weights: {path} is not a file written by torch.save (or .safetensors): "
+            f"{first[:200]}"
+        ) from None
+
+
+def _open_data(spec: str, resize=None):
     """The data source: :func:`diffeo_engine.data.sources.open_source`."""
     from diffeo_engine.data.sources import open_source
 
-    return open_source(spec)
+    return open_source(spec, resize=resize)
+
+
+def _factory_parameters(spec: str) -> list[str] | None:
+    """Keyword names the model's factory accepts (None: unknown or ``**kwargs``)."""
+    import inspect
+
+    prefix, sep, _ = spec.partition(":")
+    if not sep:
+        from diffeo_engine.models.registry import model_parameters
+
+        return model_parameters(spec)
+    if prefix in _REGISTRY_PREFIXES:
+        return None
+    try:
+        parameters = inspect.signature(_import_factory(spec)).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters]
+
+
+def infer_model_args(spec: str, kwargs: dict, shape: tuple[int, int, int]) -> dict:
+    """``in_channels`` and ``input_size`` from the data's ``(C, H, W)`` where the factory
+    takes them and the user did not give them (LeNet on MNIST needs no ``--model-arg``)."""
+    accepted = _factory_parameters(spec) or []
+    C, H, W = shape
+    inferred = {}
+    if "in_channels" in accepted and "in_channels" not in kwargs:
+        inferred["in_channels"] = C
+    if "input_size" in accepted and "input_size" not in kwargs:
+        inferred["input_size"] = H if H == W else (H, W)
+    return inferred
+
+
+def _noise_arg(text: str):
+    if text == "matched":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--noise: expected 'matched' or a sigma >= 0, got {text!r}") from None
 
 
 class Normalize:
@@ -175,11 +236,21 @@ def add_command(subparsers) -> argparse.ArgumentParser:
         help="measure D_k, G_k, R_k layer by layer and write JSON/CSV/PNG",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--model", required=True, help="registry name or module.path:factory")
+    from diffeo_engine.models import list_models
+
+    p.add_argument(
+        "--model", required=True, metavar="NAME",
+        help=f"a built-in model ({', '.join(list_models())}), torchvision:NAME, timm:NAME, "
+        "or module.path:factory / file.py:factory; in_channels and input_size are taken "
+        "from the data when the model has them",
+    )  # fmt: skip
     p.add_argument(
         "--model-arg", action="append", metavar="KEY=VALUE", help="keyword for the factory"
     )
-    p.add_argument("--weights", help="state dict: torch.save file or .safetensors")
+    p.add_argument(
+        "--weights", help="state dict: torch.save file or .safetensors (default: none, an "
+        "untrained network is measured)",
+    )  # fmt: skip
     p.add_argument("--data", required=True, help=".npy/.npz, image folder, torchvision:NAME:ROOT")
     p.add_argument(
         "--layers", nargs="+", default=None, metavar="PATTERN",
@@ -195,6 +266,10 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="sensitivity", help="folder for the JSON/CSV/PNG")
     p.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    p.add_argument(
+        "--resize", default=None, metavar="HxW",
+        help="resize every image (folders of mixed sizes need it)",
+    )  # fmt: skip
     p.add_argument("--reduce", default="full", choices=("full", "channel_mean", "spatial_mean"))
     p.add_argument("--per-image", type=int, default=1, help="perturbations per image (K)")
     p.add_argument("--noise", default="matched", help="'matched' or a fixed sigma")
@@ -239,10 +314,17 @@ def _settings(args, shape: tuple[int, ...]) -> list[tuple[float, int]]:
 def run(args: argparse.Namespace) -> int:
     """Run the ``sensitivity`` subcommand (under torchrun: this rank's share); exit status."""
     from diffeo_engine.distributed import DistributedError, distributed_session
+    from diffeo_engine.physics import check_float, check_int
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size: expected an integer >= 1, got {args.batch_size}")
+    check_int("--batch-size", args.batch_size, 1)
+    check_int("--error-groups", args.error_groups, 1)
+    check_int("--per-image", args.per_image, 1)
+    if args.limit is not None:
+        check_int("--limit", args.limit, 2)
+    _noise_arg(args.noise)
     timeout = getattr(args, "dist_timeout", None)
+    check_float("--dist-timeout", timeout, 0.0, strict=True, allow_none=True)
+    _check_out_folder(Path(args.out))
     try:
         with distributed_session(args.device, timeout_s=timeout) as ctx:
             return _run(args, ctx)
@@ -251,20 +333,52 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _check_out_folder(out: Path) -> None:
+    """Before any work: ``--out`` must be a folder we can create or write into."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} exists and is not a folder")
+    for name in ("sensitivity.json", "sensitivity.csv", "sensitivity.png"):
+        if (out / name).is_dir():
+            raise ValueError(f"--out: {out / name} is a folder; it would be overwritten by a file")
+
+
+def _say(ctx, text: str) -> None:
+    if ctx.is_main:
+        print(f"sensitivity: {text}", file=sys.stderr)
+
+
 def _run(args: argparse.Namespace, ctx) -> int:
     from diffeo_engine.sensitivity.meter import SensitivityMeter
 
-    noise = args.noise if args.noise == "matched" else float(args.noise)
+    noise = _noise_arg(args.noise)
     device = torch.device(args.device)
     if ctx.active and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)  # one GPU per rank
-    source = _open_data(args.data)
+    source = _open_data(args.data, getattr(args, "resize", None))
     n = len(source) if args.limit is None else min(args.limit, len(source))
     if n < 2:
         raise ValueError(f"--data: expected at least two images, got {n}")
-    model = build_model(args.model, _parse_kwargs(args.model_arg), seed=args.seed)
+    if n < args.error_groups:
+        _say(
+            ctx,
+            f"warning: {n} images for {args.error_groups} jackknife groups: the error bars "
+            f"need at least {args.error_groups} images (use more images or --error-groups)",
+        )
+    model_args = _parse_kwargs(args.model_arg)
+    inferred = infer_model_args(args.model, model_args, tuple(source.shape))
+    model_args = {**inferred, **model_args}
+    model = build_model(args.model, model_args, seed=args.seed)
     if args.weights:
         load_weights(model, args.weights)
+    if inferred:
+        shown = ", ".join(f"{k}={v}" for k, v in inferred.items())
+        _say(ctx, f"{args.model}: {shown} (from the data's shape {tuple(source.shape)})")
+    if not args.weights:
+        _say(
+            ctx,
+            f"no --weights: measuring an untrained {args.model} (its initial weights, "
+            f"seed {args.seed})",
+        )
     model = model.to(device=device, dtype=_dtype(args.dtype))
     model.train(args.train_mode)
     first = source.batch(0, 1)
@@ -308,7 +422,7 @@ def _run(args: argparse.Namespace, ctx) -> int:
         {
             "command": "sensitivity",
             "model_spec": args.model,
-            "model_args": _parse_kwargs(args.model_arg),
+            "model_args": model_args,
             "weights": args.weights,
             "data": args.data,
             "limit": args.limit,

@@ -181,44 +181,107 @@ class SensitivityResult:
     def plot(self, path: str | os.PathLike | None = None, *, title: str | None = None):
         """``D_k``, ``G_k``, ``R_k`` against depth, log scale, one line per setting, with
         jackknife error bars. Needs matplotlib (optional dependency); returns the Figure
-        and writes it to ``path`` when given."""
+        and writes it to ``path`` when given.
+
+        The legend sits above the panels, never on the data; the ``output`` record is
+        merged into the last layer when it is that layer (same values: one point labelled
+        ``name = output``); with many layers the labels are thinned to about 40; an error
+        bar that reaches below zero is drawn dashed down to the panel's bottom edge with a
+        ``v`` marker there, instead of being clipped by the log axis.
+        """
         try:
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
+            from matplotlib.lines import Line2D
         except ImportError as error:  # pragma: no cover - depends on the environment
             raise ImportError(
                 "SensitivityResult.plot needs matplotlib: pip install 'diffeo-engine[plot]'"
             ) from error
-        figure = Figure(figsize=(7.5, 8.0), constrained_layout=True)
+        keys = ("D", "G", "R")
+        records_by_setting, names = {}, {}
+        for label in dict.fromkeys(r.setting for r in self.layers):
+            records = _merge_output(sorted(self.select(setting=label), key=lambda r: r.depth))
+            records_by_setting[label] = records
+            for record, name in records:
+                names.setdefault(record.depth, name)
+        n_ticks = len(names)
+        width = min(18.0, max(7.5, 0.16 * n_ticks + 3.0))
+        figure = Figure(figsize=(width, 8.5), constrained_layout=True)
         FigureCanvasAgg(figure)
         axes = figure.subplots(3, 1, sharex=True)
-        labels = list(dict.fromkeys(r.setting for r in self.layers))
-        for label in labels:
-            records = sorted(self.select(setting=label), key=lambda r: r.depth)
-            depth = [r.depth for r in records]
-            for ax, key in zip(axes, ("D", "G", "R")):
-                values = [r[key] for r in records]
-                errors = [r[f"{key}_err"] for r in records]
+        below_zero = []  # (ax, depth, value, colour)
+        handles = []
+        for index, (label, records) in enumerate(records_by_setting.items()):
+            colour = f"C{index % 10}"
+            depth = [r.depth for r, _ in records]
+            for ax, key in zip(axes, keys):
+                values = [r[key] for r, _ in records]
+                errors = [r[f"{key}_err"] for r, _ in records]
                 errors = [e if math.isfinite(e) else 0.0 for e in errors]
-                ax.errorbar(depth, values, yerr=errors, marker="o", ms=3, capsize=2, label=label)
-        for ax, key in zip(axes, ("D", "G", "R")):
+                lower = []
+                for d, v, e in zip(depth, values, errors):
+                    if math.isfinite(v) and v > 0 and e >= v:
+                        below_zero.append((ax, d, v, colour))
+                        lower.append(0.0)  # drawn below, dashed to the edge
+                    else:
+                        lower.append(e)
+                ax.errorbar(
+                    depth, values, yerr=[lower, errors], marker="o", ms=3, capsize=2,
+                    color=colour, lw=1.2,
+                )  # fmt: skip
+            handles.append(Line2D([], [], color=colour, marker="o", ms=3, label=label))
+        for ax, key in zip(axes, keys):
             ax.set_yscale("log")
             ax.set_ylabel(f"${key}_k$")
             ax.grid(True, which="both", alpha=0.3)
-        if self.layers:
-            by_depth = {r.depth: r.name for r in self.layers}
-            ticks = sorted(by_depth)
+        for ax in {id(a): a for a, *_ in below_zero}.values():
+            ax.set_ylim(*ax.get_ylim())  # freeze: the bars below must not rescale the panel
+        for ax, d, v, colour in below_zero:
+            bottom = ax.get_ylim()[0]
+            ax.vlines(d, bottom, v, colors=colour, linestyles="dashed", lw=1)
+            ax.plot([d], [bottom], marker="v", color=colour, ms=6, clip_on=False)
+        if below_zero:
+            handles.append(
+                Line2D([], [], color="0.3", ls="dashed", marker="v", ms=5,
+                       label="error bar reaches below 0 (cut at the panel edge)")
+            )  # fmt: skip
+        if names:
+            ticks = sorted(names)
+            step = max(1, math.ceil(len(ticks) / 40))
+            shown = set(ticks[::step]) | {ticks[-1]}
             axes[-1].set_xticks(ticks)
             axes[-1].set_xticklabels(
-                [by_depth[t] for t in ticks], rotation=90, fontsize=6 if len(ticks) > 20 else 8
-            )
+                [names[t] if t in shown else "" for t in ticks],
+                rotation=90, fontsize=6 if len(ticks) > 20 else 8,
+            )  # fmt: skip
         axes[-1].set_xlabel("layer (depth k)")
-        axes[0].legend(fontsize=8)
         reduce = self.settings.get("reduce")
-        axes[0].set_title(title or f"sensitivities by depth (reduce={reduce})")
+        figure.suptitle(title or f"sensitivities by depth (reduce={reduce})")
+        if handles:  # above the top panel, outside the data
+            axes[0].legend(
+                handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.01), fontsize=8,
+                frameon=False, ncol=min(len(handles), 3),
+            )  # fmt: skip
         if path is not None:
             figure.savefig(path, dpi=120)
         return figure
+
+
+def _merge_output(records: list[LayerRecord]) -> list[tuple[LayerRecord, str]]:
+    """``(record, label)`` in depth order; an ``output`` record equal to the layer before it
+    (the last hooked module is the network's output) becomes that layer's ``name = output``."""
+    out: list[tuple[LayerRecord, str]] = []
+    for record in records:
+        if (
+            record.name == "output"
+            and out
+            and all(out[-1][0][k] == record[k] for k in ("D", "G", "R", "shape"))
+        ):
+            previous = out[-1][0]
+            out[-1] = (previous, f"{previous.name} = output")
+            continue
+        out.append((record, record.name))
+    return out
 
 
 def _parse_row(row: dict) -> dict:
