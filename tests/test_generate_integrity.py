@@ -251,7 +251,7 @@ def test_nonfinite_source_pixels_are_refused_by_default(tmp_path, capsys):
 def test_absurd_noise_is_refused_naming_the_flag(source, tmp_path, capsys):
     base = ["generate", "--input", str(source), "--out", str(tmp_path / "o"), "--quiet"]
     base += ["--T", str(T), "--cut", str(CUT), "--per-image", str(K), "--seed", str(SEED)]
-    refusals = {"abc": "expected 'matched', 'none' or a number", "1e39": "expected a sigma"}
+    refusals = {"abc": "expected 'matched', 'none' or a number", "1e39": "1e+39 overflows float32"}
     for value, words in refusals.items():
         assert main([*base, "--noise", value]) == 2
         err = capsys.readouterr().err
@@ -363,8 +363,7 @@ def test_missing_flags_reported_at_once_in_cli_spelling(source, tmp_path, capsys
     assert "--resume: " in capsys.readouterr().err and not out.exists()
     with pytest.raises(ValueError, match="^T, per_image: required"):
         generate(source, out, T=None, cut=3, per_image=None, seed=0)
-    with pytest.raises(SystemExit):
-        main(["generate", "--help"])
+    assert main(["generate", "--help"]) == 0
     usage = capsys.readouterr().out
     assert "required (unless --resume" in usage and "--per-image" in usage
 
