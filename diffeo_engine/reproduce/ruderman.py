@@ -89,7 +89,15 @@ def _not_testable(claims: Claims, reason: str) -> None:
 
 
 def experiment(
-    mnist, claims: Claims, *, quick: bool, seed: int, device, echo=None, figure=None
+    mnist,
+    claims: Claims,
+    *,
+    quick: bool,
+    seed: int,
+    device,
+    echo=None,
+    figure=None,
+    cfg: Settings | None = None,
 ) -> dict:
     """P1-P3 on MNIST (NOT TESTABLE without ``mnist``); appends to ``claims``."""
     if mnist is None:
@@ -97,7 +105,7 @@ def experiment(
         _not_testable(claims, reason)
         return {"skipped": reason}
     start = time.perf_counter()
-    cfg = QUICK if quick else DEFAULT
+    cfg = cfg or (QUICK if quick else DEFAULT)
     device = torch.device(device)
     (train_x, train_y), (test_x, test_y, offset), how = mnist_splits(mnist, cfg.n_train, cfg.n_test)
     norm = Normalize()

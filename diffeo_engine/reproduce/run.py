@@ -98,7 +98,15 @@ def run_reproduction(
 
     log(echo, f"[2/{steps}] claims 2-3: scale detection, ReLU vs tanh, init vs trained")
     cfg = SCALE_QUICK if quick else SCALE_DEFAULT
-    data = experiment_scale_detection(cfg, claims, seed=seed, device=device, echo=echo, quick=quick)
+    data = experiment_scale_detection(
+        cfg,
+        claims,
+        seed=seed,
+        device=device,
+        echo=echo,
+        quick=quick,
+        workers=min(2, os.cpu_count() or 1),
+    )
     if plots:
         plot_scale_detection(
             data, out / "claim2_scale_detection.png", out / "claim3_relu_vs_tanh.png", r_drop=R_DROP

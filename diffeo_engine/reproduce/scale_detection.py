@@ -186,29 +186,53 @@ def _one_run(cfg: ScaleSettings, activation: str, seed: int, device) -> dict:
     }
 
 
+def _one_run_single_thread(args) -> dict:
+    cfg, activation, seed, device = args
+    with threads(1):
+        return _one_run(cfg, activation, seed, torch.device(device))
+
+
+def _run_all(cfg: ScaleSettings, jobs, device, workers: int) -> list[dict]:
+    """Every ``(activation, seed)`` run, in order; on the CPU spread over ``workers``
+    processes of one thread each (each run depends only on its own seed, so the results
+    are those of one process)."""
+    args = [(cfg, activation, seed, str(device)) for activation, seed in jobs]
+    if workers <= 1 or device.type != "cpu":
+        return [_one_run_single_thread(a) for a in args]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return list(pool.map(_one_run_single_thread, args))
+
+
 def _gm(runs: list[dict], which: str) -> dict[str, float]:
     return {k: geometric_mean(run[which][k] for run in runs) for k in "DGR"}
 
 
 def experiment_scale_detection(
-    cfg: ScaleSettings, claims: Claims, *, seed: int, device, echo=None, quick: bool = False
+    cfg: ScaleSettings,
+    claims: Claims,
+    *,
+    seed: int,
+    device,
+    echo=None,
+    quick: bool = False,
+    workers: int = 1,
 ) -> dict:
-    """Claims 2-3: ReLU and tanh nets, each over the seeds; appends to ``claims``."""
+    """Claims 2-3: ReLU and tanh nets, each over the seeds; appends to ``claims``.
+    ``workers`` processes share the runs on the CPU (the command uses one per core)."""
     start = time.perf_counter()
     device = torch.device(device)
+    jobs = [(activation, seed + s) for activation in ("relu", "tanh") for s in cfg.seeds]
     runs: dict[str, list[dict]] = {"relu": [], "tanh": []}
-    for activation in ("relu", "tanh"):
-        for s in cfg.seeds:
-            with threads(1):
-                run = _one_run(cfg, activation, seed + s, device)
-            runs[activation].append(run)
-            t = run["training"]
-            log(
-                echo,
-                f"  {activation} seed {seed + s}: {t['epochs']} epochs, train loss "
-                f"{t['final_train_loss']:.3g}, test error {t['test_error']:.3f}, "
-                f"R_7/R_1 {run['ratios_trained']['R']:.3g}, {run['seconds']:.1f} s",
-            )
+    for (activation, run_seed), run in zip(jobs, _run_all(cfg, jobs, device, workers)):
+        runs[activation].append(run)
+        t = run["training"]
+        log(echo, f"  {activation} seed {run_seed}: {t['epochs']} epochs, train loss "
+            f"{t['final_train_loss']:.3g}, test error {t['test_error']:.3f}, "
+            f"R_7/R_1 {run['ratios_trained']['R']:.3g}, {run['seconds']:.1f} s")  # fmt: skip
     gm = {
         act: {
             w: _gm(runs[act], f"ratios_{w}")
