@@ -445,6 +445,7 @@ def test_filter_roughness_by_hand():
     assert math.isclose(ruderman.filter_roughness(conv), 6 / 4)
 
 
+@pytest.mark.slow
 def test_scale_detection_runs_the_same_in_two_processes():
     cfg = ScaleSettings(L=16, xi=4, width=4, depth=4, n_train=16, n_test=8, max_epochs=2,
                         seeds=(1, 2))  # fmt: skip

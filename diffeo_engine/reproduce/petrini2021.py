@@ -52,9 +52,9 @@ ARCHITECTURES = {
 
 @dataclass(frozen=True)
 class Settings:
-    n_train: int = 6000
+    n_train: int = 4000
     n_test: int = 1000
-    epochs: int = 3
+    epochs: int = 2
     lr: float = 0.05
     momentum: float = 0.9
     batch_size: int = 64

@@ -47,9 +47,9 @@ THRESHOLDS = {"P1_RATIO": P1_RATIO, "P2_SHRINK": P2_SHRINK, "P3_RATIO": P3_RATIO
 
 @dataclass(frozen=True)
 class Settings:
-    n_train: int = 6000
+    n_train: int = 4000
     n_test: int = 1000
-    epochs: int = 3
+    epochs: int = 2
     lr: float = 0.05
     momentum: float = 0.9
     batch_size: int = 64

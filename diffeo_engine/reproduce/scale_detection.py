@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -192,19 +193,20 @@ def _one_run_single_thread(args) -> dict:
         return _one_run(cfg, activation, seed, torch.device(device))
 
 
-def _run_all(cfg: ScaleSettings, jobs, device, workers: int) -> list[dict]:
+def _run_all(cfg: ScaleSettings, jobs, device, workers: int) -> Iterator[dict]:
     """Every ``(activation, seed)`` run, in order; on the CPU spread over ``workers``
     processes of one thread each (each run depends only on its own seed, so the results
     are those of one process)."""
     args = [(cfg, activation, seed, str(device)) for activation, seed in jobs]
     if workers <= 1 or device.type != "cpu":
-        return [_one_run_single_thread(a) for a in args]
+        yield from map(_one_run_single_thread, args)
+        return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return list(pool.map(_one_run_single_thread, args))
+        yield from pool.map(_one_run_single_thread, args)  # in order, as they finish
 
 
 def _gm(runs: list[dict], which: str) -> dict[str, float]:
