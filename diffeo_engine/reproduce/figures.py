@@ -172,9 +172,10 @@ def plot_bars(
     *,
     title: str,
     ylabel: str,
-    lines: dict[str, float] | None = None,
+    lines: dict[str, tuple[list[float], str]] | None = None,
 ) -> None:
-    """Grouped bars on a log axis: ``groups[series][category]``; ``lines`` are thresholds."""
+    """Grouped bars on a log axis: ``groups[series][category]``; ``lines`` maps a label to
+    the ``(levels, linestyle)`` of the thresholds it draws."""
     figure, axes = _figure(1, 1, (6.5, 4.0))
     ax = axes[0][0]
     series = list(groups)
@@ -193,8 +194,9 @@ def plot_bars(
             edgecolor=f"C{i}",
             color=f"C{i}",
         )
-    for j, (label, level) in enumerate((lines or {}).items()):
-        ax.axhline(level, color="C3", ls=":" if j == 0 else "-.", label=label)
+    for j, (label, (levels, style)) in enumerate((lines or {}).items()):
+        for i, level in enumerate(levels):
+            ax.axhline(level, color=f"C{3 + j}", ls=style, label=label if i == 0 else None)
     ax.set_xticks(np.arange(len(categories)), categories)
     ax.set_yscale("log")
     ax.set_ylabel(ylabel, fontsize=8)
@@ -224,6 +226,9 @@ def plot_layers(series: dict[str, list[dict]], path, *, key: str, title: str, yl
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.set_xlabel("ReLU layer k (0 = input)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel, fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)

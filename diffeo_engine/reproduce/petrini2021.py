@@ -234,19 +234,26 @@ def experiment(
         "seconds": time.perf_counter() - start,
     }
     if figure is not None:
-        from diffeo_engine.reproduce.figures import plot_bars
-
-        plot_bars(
-            {"init": r_init, "trained": r_tr},
-            figure,
-            title="N1-N2: Petrini et al. 2021 on MNIST (median estimator)",
-            ylabel="$R_f = D_f / G_f$ of the output (each normalised by the\n"
-            "median squared distance between two images' outputs)",
-            lines={
-                f"N1 band {N1_LOW:g}": N1_LOW,
-                f"N1 band {N1_HIGH:g}": N1_HIGH,
-                f"N2: FCN trained / {N2_FACTOR:g}": fcn / N2_FACTOR,
-            },
-        )
+        plot(data, figure)
         data["figure"] = figure.name
     return data
+
+
+def plot(data: dict, path) -> None:
+    """R_f of each net at init and trained, with N1's band and N2's line."""
+    from diffeo_engine.reproduce.figures import plot_bars
+
+    nets = data["nets"]
+    r_init = {k: v["init"]["median"]["R"] for k, v in nets.items()}
+    r_tr = {k: v["trained"]["median"]["R"] for k, v in nets.items()}
+    plot_bars(
+        {"init": r_init, "trained": r_tr},
+        path,
+        title="N1-N2: Petrini et al. 2021 on MNIST (median estimator)",
+        ylabel="$R_f = D_f / G_f$ of the output (each normalised by the\n"
+        "median squared distance between two images' outputs)",
+        lines={
+            f"N1 band [{N1_LOW:g}, {N1_HIGH:g}] (init)": ([N1_LOW, N1_HIGH], ":"),
+            f"N2: trained FCN / {N2_FACTOR:g} (CNNs below)": ([r_tr["FCN"] / N2_FACTOR], "-."),
+        },
+    )

@@ -225,14 +225,20 @@ def experiment(
         "seconds": time.perf_counter() - start,
     }
     if figure is not None:
-        from diffeo_engine.reproduce.figures import plot_layers
-
-        plot_layers(
-            {f"{k}, {w}": nets[k][w] for k in nets for w in ("init", "trained")},
-            figure,
-            key="D",
-            title="P1-P2: Ruderman et al. 2018 on MNIST, pooling vs strided",
-            ylabel="$D_{cos} = E[1-\\cos(f(\\tau x), f(x))]$\n/ $E[1-\\cos(f(x), f(z))]$",
-        )
+        plot(data, figure)
         data["figure"] = figure.name
     return data
+
+
+def plot(data: dict, path) -> None:
+    """The normalised cosine sensitivity by ReLU layer, both nets, init and trained."""
+    from diffeo_engine.reproduce.figures import plot_layers
+
+    nets = data["nets"]
+    plot_layers(
+        {f"{k}, {w}": nets[k][w] for k in nets for w in ("init", "trained")},
+        path,
+        key="D",
+        title="P1-P2: Ruderman et al. 2018 on MNIST, pooling vs strided",
+        ylabel="$D_{cos} = E[1-\\cos(f(\\tau x), f(x))]$\n/ $E[1-\\cos(f(x), f(z))]$",
+    )
