@@ -102,6 +102,16 @@ def test_parse_weights(tmp_path):
         parse_weights([f"lenet={tmp_path / 'none.pt'}"])
 
 
+def test_unknown_weights_name_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "w.pt").write_bytes(b"x")
+    status = cli.main(
+        ["reproduce", "--out", str(tmp_path / "o"), "--weights", f"resnet={tmp_path / 'w.pt'}"]
+    )
+    assert status == 2
+    assert "--weights: expected names among" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_mnist_dir_is_an_error(tmp_path, capsys):
     status = cli.main(
         ["reproduce", "--quick", "--out", str(tmp_path), "--mnist", str(tmp_path / "no")]

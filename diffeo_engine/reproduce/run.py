@@ -22,6 +22,7 @@ from diffeo_engine.reproduce.figures import (
     plot_scale_detection,
 )
 from diffeo_engine.reproduce.real_images import (
+    CIFAR_NETS,
     MNIST_DEFAULT,
     MNIST_QUICK,
     experiment_cifar10,
@@ -103,6 +104,9 @@ def _run(
 ) -> dict:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"--seed: expected an integer >= 0, got {seed!r}")
+    unknown = sorted(set(weights or {}) - set(CIFAR_NETS))
+    if unknown:  # checked before any work, not after claims 1-3
+        raise ValueError(f"--weights: expected names among {CIFAR_NETS}, got {unknown}")
     for flag, folder in (("--mnist", mnist), ("--cifar10", cifar10)):
         if folder is not None and not Path(folder).is_dir():
             raise FileNotFoundError(f"{flag}: no such directory: {folder}")
