@@ -110,13 +110,19 @@ def geometric_mean(values) -> float:
 
 
 class Normalize:
-    """``(x - mean) / std`` with MNIST's statistics (pixels in ``[0, 1]``)."""
+    """``(x - mean) / std``: scalars (MNIST's by default, pixels in ``[0, 1]``) or one value
+    per channel of ``(B, C, H, W)`` batches (CIFAR-10's)."""
 
-    def __init__(self, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> None:
+    def __init__(self, mean=MNIST_MEAN, std=MNIST_STD) -> None:
         self.mean, self.std = mean, std
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        return (batch - self.mean) / self.std
+        mean, std = self.mean, self.std
+        if isinstance(mean, (tuple, list)):
+            shape = (1, -1) + (1,) * (batch.dim() - 2)
+            mean = torch.tensor(mean, dtype=batch.dtype, device=batch.device).view(shape)
+            std = torch.tensor(std, dtype=batch.dtype, device=batch.device).view(shape)
+        return (batch - mean) / std
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean}, std={self.std})"

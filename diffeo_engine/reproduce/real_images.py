@@ -71,19 +71,6 @@ MNIST_DEFAULT = MnistSettings()
 MNIST_QUICK = MnistSettings(n_train=4000, n_test=500, epochs=3)
 
 
-class _ChannelNormalize(nn.Module):
-    def __init__(self, mean, std) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-
-    def __repr__(self) -> str:
-        return f"Normalize(mean={tuple(self.mean.flatten().tolist())}, std=...)"
-
-
 def relu_sites(model: nn.Module) -> dict[str, int]:
     """``{"input": 0, <each ReLU module>: 1, 2, ...}`` in module order."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
@@ -134,7 +121,7 @@ def experiment_cifar10(
     images, _ = load_cifar10(directory, "test", limit=CIFAR_IMAGES)
     images = images.float() / 255.0
     T = typical_temperature(CIFAR_DISPLACEMENT, CIFAR_CUT, 32)
-    norm = _ChannelNormalize(CIFAR_MEAN, CIFAR_STD).to(device)
+    norm = Normalize(CIFAR_MEAN, CIFAR_STD)
     nets, ok, parts = {}, True, []
     for name in CIFAR_NETS:
         if name not in weights:
