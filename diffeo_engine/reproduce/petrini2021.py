@@ -31,10 +31,8 @@ import numpy as np
 import torch
 
 from diffeo_engine.models import get_model
-from diffeo_engine.models.train import evaluate, train
-from diffeo_engine.physics import temperature_range
-from diffeo_engine.reproduce.claims import Claims, Normalize, log, measure
-from diffeo_engine.reproduce.real_images import mnist_splits
+from diffeo_engine.reproduce.claims import Claims, log, measure
+from diffeo_engine.reproduce.real_images import MnistData, MnistTraining, not_testable
 
 __all__ = ["ARCHITECTURES", "N1_HIGH", "N1_LOW", "N2_FACTOR", "THRESHOLDS", "experiment"]
 
@@ -51,14 +49,10 @@ ARCHITECTURES = {
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(MnistTraining):
     n_train: int = 4000
     n_test: int = 1000
     epochs: int = 2
-    lr: float = 0.05
-    momentum: float = 0.9
-    batch_size: int = 64
-    cut: int = 3
 
 
 DEFAULT = Settings()
@@ -85,21 +79,11 @@ def _rank_correlation(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def _not_testable(claims: Claims, reason: str) -> None:
-    for cid, text in (
-        ("N1", "NeurIPS21: R_f of order one at init, every architecture"),
-        ("N2", "NeurIPS21: trained CNNs' R_f >= 3x below the FCN's"),
-        ("N3", "NeurIPS21: rank correlation of test error and R_f"),
-    ):
-        claims.add(
-            cid,
-            text,
-            statement="Petrini et al. 2021 on MNIST",
-            expected="see docs",
-            measured=reason,
-            verdict="NOT TESTABLE",
-            experiment="petrini2021",
-        )
+CLAIMS = (
+    ("N1", "NeurIPS21: R_f of order one at init, every architecture"),
+    ("N2", "NeurIPS21: trained CNNs' R_f >= 3x below the FCN's"),
+    ("N3", "NeurIPS21: rank correlation of test error and R_f"),
+)
 
 
 def experiment(
@@ -115,18 +99,16 @@ def experiment(
 ) -> dict:
     """N1-N3 on MNIST (NOT TESTABLE without ``mnist``); appends to ``claims``."""
     if mnist is None:
-        reason = "not testable here: needs --mnist DIR (MNIST IDX files)"
-        _not_testable(claims, reason)
-        return {"skipped": reason}
+        return {
+            "skipped": not_testable(
+                claims, CLAIMS, experiment="petrini2021", source="Petrini et al. 2021 on MNIST"
+            )
+        }
     start = time.perf_counter()
     cfg = cfg or (QUICK if quick else DEFAULT)
     device = torch.device(device)
-    (train_x, train_y), (test_x, test_y, offset), how = mnist_splits(mnist, cfg.n_train, cfg.n_test)
-    norm = Normalize()
-    T_min, T_max = temperature_range(28, cfg.cut)
-    T = math.sqrt(T_min * T_max)
-    images = test_x.float() / 255.0
-    train_data = (norm(train_x.float() / 255.0), train_y)
+    data = MnistData.load(mnist, cfg)
+    images, offset, norm, T = data.images, data.offset, data.norm, data.T
     nets: dict[str, dict] = {}
     for label, (name, kwargs) in ARCHITECTURES.items():
         t0 = time.perf_counter()
@@ -149,18 +131,7 @@ def experiment(
             return {key: record[key] for key in ("D", "G", "R")}
 
         init = {"median": output_R("median"), "mean": output_R("mean")}
-        train(
-            model,
-            train_data,
-            loss="cross_entropy",
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            seed=seed,
-            device=device,
-        )
-        _, test_error = evaluate(model, (norm(images), test_y), loss="cross_entropy", device=device)
+        _, _, test_error = data.fit(model, cfg, seed=seed, device=device)
         trained = {"median": output_R("median"), "mean": output_R("mean")}
         nets[label] = {
             "model": name,
@@ -228,7 +199,7 @@ def experiment(
     )
     data = {
         "description": "Petrini et al. 2021: R_f of the output on MNIST, median estimator",
-        "settings": {**asdict(cfg), "T": T, "split": how, "architectures": ARCHITECTURES},
+        "settings": {**asdict(cfg), "T": T, "split": data.how, "architectures": ARCHITECTURES},
         "nets": nets,
         "spearman": rho,
         "seconds": time.perf_counter() - start,

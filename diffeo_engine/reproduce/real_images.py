@@ -38,10 +38,13 @@ __all__ = [
     "CIFAR_STD",
     "MNIST_DEFAULT",
     "MNIST_QUICK",
+    "MnistData",
     "MnistSettings",
+    "MnistTraining",
     "experiment_cifar10",
     "experiment_mnist",
     "mnist_splits",
+    "not_testable",
     "relu_sites",
 ]
 
@@ -53,8 +56,9 @@ CIFAR_IMAGES = 1000  # test images measured per net
 
 
 @dataclass(frozen=True)
-class MnistSettings:
-    """4x: LeNet on MNIST, max-entropy diffeomorphisms."""
+class MnistTraining:
+    """What every MNIST experiment shares: how many images train and are measured, SGD on
+    the cross-entropy, and the cut of the max-entropy diffeomorphism."""
 
     n_train: int = 8000
     n_test: int = 2000
@@ -63,8 +67,68 @@ class MnistSettings:
     momentum: float = 0.9
     batch_size: int = 64
     cut: int = 3
+
+
+@dataclass(frozen=True)
+class MnistSettings(MnistTraining):
+    """4x: LeNet on MNIST, max-entropy diffeomorphisms."""
+
     perturbations_per_image: int = 1
     layers: tuple[str, ...] = ("features.1", "features.4", "classifier.1", "classifier.3")
+
+
+@dataclass
+class MnistData:
+    """The images of one MNIST experiment, ready: normalised training pairs, the measured
+    images in ``[0, 1]`` (with their labels and stream offset), ``T``."""
+
+    train: tuple[torch.Tensor, torch.Tensor]
+    images: torch.Tensor
+    labels: torch.Tensor
+    offset: int
+    how: str
+    norm: Normalize
+    T: float
+    T_range: tuple[float, float]
+
+    @classmethod
+    def load(cls, directory, cfg: MnistTraining) -> MnistData:
+        (train_x, train_y), (test_x, test_y, offset), how = mnist_splits(
+            directory, cfg.n_train, cfg.n_test
+        )
+        norm = Normalize()
+        T_min, T_max = temperature_range(28, cfg.cut)
+        return cls(
+            train=(norm(train_x.float() / 255.0), train_y),
+            images=test_x.float() / 255.0,
+            labels=test_y,
+            offset=offset,
+            how=how,
+            norm=norm,
+            T=math.sqrt(T_min * T_max),
+            T_range=(T_min, T_max),
+        )
+
+    def fit(self, model: nn.Module, cfg: MnistTraining, *, seed: int, device):
+        """Train ``model`` as ``cfg`` says; return the history and the test error."""
+        history = train(
+            model, self.train, loss="cross_entropy", epochs=cfg.epochs,
+            batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, seed=seed,
+            device=device,
+        )  # fmt: skip
+        test_loss, test_error = evaluate(
+            model, (self.norm(self.images), self.labels), loss="cross_entropy", device=device
+        )
+        return history, test_loss, test_error
+
+
+def not_testable(claims: Claims, entries, *, experiment: str, source: str) -> str:
+    """Append ``entries`` (``(id, title)``) as NOT TESTABLE without ``--mnist``."""
+    reason = "not testable here: needs --mnist DIR (MNIST IDX files)"
+    for cid, text in entries:
+        claims.add(cid, text, statement=source, expected="see docs", measured=reason,
+                   verdict="NOT TESTABLE", experiment=experiment)  # fmt: skip
+    return reason
 
 
 MNIST_DEFAULT = MnistSettings()
@@ -206,47 +270,20 @@ def experiment_mnist(
     """4x: LeNet on MNIST at init and after training, reported as measured."""
     start = time.perf_counter()
     device = torch.device(device)
-    (train_x, train_y), (test_x, test_y, test_offset), how = mnist_splits(
-        directory, cfg.n_train, cfg.n_test
-    )
-    norm = Normalize()
-    T_min, T_max = temperature_range(28, cfg.cut)
-    T = math.sqrt(T_min * T_max)
+    data = MnistData.load(directory, cfg)
     model = get_model("lenet", seed=seed, in_channels=1, num_classes=10, input_size=28)
     model = model.to(device)
     sites = {"input": 0, **{name: i + 1 for i, name in enumerate(cfg.layers)}}
-    images = test_x.float() / 255.0
 
     def run_meter():
         return measure(
-            model,
-            images,
-            sites=sites,
-            batch_size=250,
-            device=device,
-            id_offset=test_offset,
-            T=T,
-            cut=cfg.cut,
-            seed=seed,
-            preprocess=norm,
+            model, data.images, sites=sites, batch_size=250, device=device,
+            id_offset=data.offset, T=data.T, cut=cfg.cut, seed=seed, preprocess=data.norm,
             perturbations_per_image=cfg.perturbations_per_image,
-        )
+        )  # fmt: skip
 
     init = run_meter()
-    history = train(
-        model,
-        (norm(train_x.float() / 255.0), train_y),
-        loss="cross_entropy",
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        seed=seed,
-        device=device,
-    )
-    test_loss, test_error = evaluate(
-        model, (norm(images), test_y), loss="cross_entropy", device=device
-    )
+    history, test_loss, test_error = data.fit(model, cfg, seed=seed, device=device)
     trained = run_meter()
     r_tr, r_in = last_over_first(trained), last_over_first(init)
     claims.add(
@@ -267,7 +304,7 @@ def experiment_mnist(
     )
     out = {
         "description": "LeNet on MNIST, max-entropy diffeomorphisms and matched noise",
-        "settings": {**asdict(cfg), "T": T, "T_range": [T_min, T_max], "split": how},
+        "settings": {**asdict(cfg), "T": data.T, "T_range": list(data.T_range), "split": data.how},
         "init": init,
         "trained": trained,
         "ratios_init": r_in,

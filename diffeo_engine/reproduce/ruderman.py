@@ -32,10 +32,8 @@ import torch
 from torch import nn
 
 from diffeo_engine.models import get_model
-from diffeo_engine.models.train import evaluate, train
-from diffeo_engine.physics import temperature_range
-from diffeo_engine.reproduce.claims import Claims, Normalize, log, measure, ratio
-from diffeo_engine.reproduce.real_images import mnist_splits, relu_sites
+from diffeo_engine.reproduce.claims import Claims, log, measure, ratio
+from diffeo_engine.reproduce.real_images import MnistData, MnistTraining, not_testable, relu_sites
 
 __all__ = ["P1_RATIO", "P2_SHRINK", "P3_RATIO", "THRESHOLDS", "experiment", "filter_roughness"]
 
@@ -46,15 +44,11 @@ THRESHOLDS = {"P1_RATIO": P1_RATIO, "P2_SHRINK": P2_SHRINK, "P3_RATIO": P3_RATIO
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(MnistTraining):
     n_train: int = 4000
     n_test: int = 1000
     epochs: int = 2
-    lr: float = 0.05
-    momentum: float = 0.9
-    batch_size: int = 64
     width: int = 16
-    cut: int = 3
 
 
 DEFAULT = Settings()
@@ -71,21 +65,11 @@ def filter_roughness(conv: nn.Conv2d) -> float:
     return float((tv / w.abs().sum((-2, -1)).clamp_min(1e-30)).mean())
 
 
-def _not_testable(claims: Claims, reason: str) -> None:
-    for cid, text in (
-        ("P1", "Ruderman18: at init pooling more stable than strided (deep)"),
-        ("P2", "Ruderman18: training narrows the pooling-strided gap"),
-        ("P3", "Ruderman18: first-layer filters smoother after training"),
-    ):
-        claims.add(
-            cid,
-            text,
-            statement="Ruderman et al. 2018 on MNIST",
-            expected="see docs",
-            measured=reason,
-            verdict="NOT TESTABLE",
-            experiment="ruderman2018",
-        )
+CLAIMS = (
+    ("P1", "Ruderman18: at init pooling more stable than strided (deep)"),
+    ("P2", "Ruderman18: training narrows the pooling-strided gap"),
+    ("P3", "Ruderman18: first-layer filters smoother after training"),
+)
 
 
 def experiment(
@@ -101,18 +85,16 @@ def experiment(
 ) -> dict:
     """P1-P3 on MNIST (NOT TESTABLE without ``mnist``); appends to ``claims``."""
     if mnist is None:
-        reason = "not testable here: needs --mnist DIR (MNIST IDX files)"
-        _not_testable(claims, reason)
-        return {"skipped": reason}
+        return {
+            "skipped": not_testable(
+                claims, CLAIMS, experiment="ruderman2018", source="Ruderman et al. 2018 on MNIST"
+            )
+        }
     start = time.perf_counter()
     cfg = cfg or (QUICK if quick else DEFAULT)
     device = torch.device(device)
-    (train_x, train_y), (test_x, test_y, offset), how = mnist_splits(mnist, cfg.n_train, cfg.n_test)
-    norm = Normalize()
-    T_min, T_max = temperature_range(28, cfg.cut)
-    T = math.sqrt(T_min * T_max)
-    images = test_x.float() / 255.0
-    train_data = (norm(train_x.float() / 255.0), train_y)
+    data = MnistData.load(mnist, cfg)
+    images, offset, norm, T = data.images, data.offset, data.norm, data.T
     nets = {}
     for kind in ("pool", "stride"):
         t0 = time.perf_counter()
@@ -142,18 +124,7 @@ def experiment(
             )
 
         init, rough_init = run_meter(), filter_roughness(model.features[0])
-        train(
-            model,
-            train_data,
-            loss="cross_entropy",
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            seed=seed,
-            device=device,
-        )
-        _, test_error = evaluate(model, (norm(images), test_y), loss="cross_entropy", device=device)
+        _, _, test_error = data.fit(model, cfg, seed=seed, device=device)
         trained, rough_trained = run_meter(), filter_roughness(model.features[0])
         nets[kind] = {
             "init": init,
@@ -220,7 +191,7 @@ def experiment(
     data = {
         "description": "Ruderman et al. 2018: pooling vs strided CNN on MNIST, normalised "
         "cosine sensitivity per ReLU, first-layer filter roughness",
-        "settings": {**asdict(cfg), "T": T, "split": how},
+        "settings": {**asdict(cfg), "T": T, "split": data.how},
         "nets": nets,
         "seconds": time.perf_counter() - start,
     }
