@@ -38,6 +38,7 @@ from diffeo_engine.reproduce import (
     ruderman,
     spread_one_hot,
 )
+from diffeo_engine.reproduce.claims import threads
 
 REPO = Path(__file__).resolve().parents[1]
 CLAIM_KEYS = {"id", "claim", "expected", "measured", "verdict"}
@@ -399,7 +400,8 @@ def mnist_dir():
 def test_mnist_exploratory_is_measured_without_verdict(mnist_dir):
     claims = Claims()
     cfg = reproduce.MnistSettings(n_train=512, n_test=128, epochs=1)
-    data = reproduce.experiment_mnist(cfg, mnist_dir, claims, seed=0, device="cpu")
+    with threads(1):  # as the command runs them: small nets, one thread
+        data = reproduce.experiment_mnist(cfg, mnist_dir, claims, seed=0, device="cpu")
     (claim,) = claims
     assert claim["id"] == "4x" and claim["verdict"] == "MEASURED"
     for when in ("init", "trained"):
@@ -413,7 +415,8 @@ def test_mnist_exploratory_is_measured_without_verdict(mnist_dir):
 def test_petrini2021_verdicts_follow_the_rules(mnist_dir):
     claims = Claims()
     cfg = petrini2021.Settings(n_train=256, n_test=64, epochs=1)
-    data = petrini2021.experiment(mnist_dir, claims, quick=False, seed=0, device="cpu", cfg=cfg)
+    with threads(1):
+        data = petrini2021.experiment(mnist_dir, claims, quick=False, seed=0, device="cpu", cfg=cfg)
     nets = data["nets"]
     r_init = {k: v["init"]["median"]["R"] for k, v in nets.items()}
     r_tr = {k: v["trained"]["median"]["R"] for k, v in nets.items()}
@@ -431,7 +434,8 @@ def test_petrini2021_verdicts_follow_the_rules(mnist_dir):
 def test_ruderman_verdicts_follow_the_rules(mnist_dir):
     claims = Claims()
     cfg = ruderman.Settings(n_train=256, n_test=64, epochs=1)
-    data = ruderman.experiment(mnist_dir, claims, quick=False, seed=0, device="cpu", cfg=cfg)
+    with threads(1):
+        data = ruderman.experiment(mnist_dir, claims, quick=False, seed=0, device="cpu", cfg=cfg)
     nets = data["nets"]
     gap = {w: nets["pool"][w][-1]["D"] / nets["stride"][w][-1]["D"] for w in ("init", "trained")}
     rough = [v["roughness_trained"] < v["roughness_init"] for v in nets.values()]
