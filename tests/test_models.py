@@ -213,3 +213,80 @@ def test_external_packages(package):
     else:  # built without weights: nothing is downloaded
         model = get_model(f"{package}:resnet18", num_classes=3)
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+class _AuthorsBlock(nn.Module):
+    """Port of the authors' ``ConvBlockNT_1d`` (UmbertoTomasini/scale_detection_1d)."""
+
+    def __init__(self, input_ch, h, filter_size, stride):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(h, input_ch, filter_size))
+        self.b = nn.Parameter(torch.randn(h))
+        self.stride, self.f = stride, filter_size
+        if filter_size % 2:
+            self.left = self.right = (filter_size - 1) // 2
+        else:
+            self.left, self.right = filter_size // 2 - 1, filter_size // 2
+
+    def forward(self, x):
+        y = torch.nn.functional.pad(x, (self.left, self.right), mode="circular")
+        y = torch.nn.functional.conv1d(y, self.w / self.w[0].numel() ** 0.5, bias=self.b,
+                                       stride=self.stride)  # fmt: skip
+        return self.f**0.5 * torch.relu(y)
+
+
+class _AuthorsNet(nn.Module):
+    """Port of the authors' ``ConvNetGAPMF_1d``, strides chosen by ``idx_strides``."""
+
+    def __init__(self, alpha_tilde, n_blocks, input_ch, h, idx_strides, filter_size, stride_int):
+        super().__init__()
+        bb, blocks = 0, []
+        for aa in range(1, n_blocks):
+            if aa == idx_strides[bb]:
+                blocks.append(_AuthorsBlock(h, h, filter_size, stride_int))
+                if bb < len(idx_strides) - 1:
+                    bb += 1
+            else:
+                blocks.append(_AuthorsBlock(h, h, filter_size, 1))
+        self.conv = nn.Sequential(_AuthorsBlock(input_ch, h, filter_size, stride_int), *blocks)
+        self.beta = nn.Parameter(torch.randn(h, 1))
+        self.alpha_tilde = alpha_tilde
+        self.biasFinal = nn.Parameter(torch.randn(1))
+
+    def forward(self, x):
+        y = self.conv(x).mean(dim=-1)
+        return (self.biasFinal + (y @ self.beta) / self.beta.size(0)) * self.alpha_tilde
+
+
+@pytest.mark.parametrize("strided", ["first", "all"])
+def test_scale_detection_cnn_equals_port_of_authors_net(strided):
+    depth, width = 5, 6
+    # the released scripts pass idx_strides = list(range(nbl)): only the first layer strides
+    idx = list(range(depth)) if strided == "first" else list(range(1, depth))
+    theirs = _AuthorsNet(1.0, depth, 1, width, idx, 2, 2).double()
+    ours = ScaleDetectionCNN(1, width=width, depth=depth, readout="mean_field",
+                             strided=strided).double()  # fmt: skip
+    with torch.no_grad():
+        for mine, block in zip(ours.features, theirs.conv):
+            mine.weight.copy_(block.w)
+            mine.bias.copy_(block.b)
+        ours.readout.beta.copy_(theirs.beta)
+        ours.readout.bias.copy_(theirs.biasFinal)
+        x = torch.randn(7, 1, 64, dtype=torch.float64)
+        strides = [layer.stride for layer in ours.features]
+        assert strides == ([2] + [1] * (depth - 1) if strided == "first" else [2] * depth)
+        assert torch.allclose(ours(x), theirs(x)[:, 0], rtol=1e-12, atol=1e-12)
+
+
+def test_pooling_cnn_pair_has_the_same_weights_and_output():
+    pool = get_model("pooling_cnn", seed=3, downsample="pool")
+    stride = get_model("pooling_cnn", seed=3, downsample="stride")
+    for a, b in zip(pool.parameters(), stride.parameters()):
+        assert torch.equal(a, b)  # same seed, same shapes: the nets differ only in downsampling
+    x = torch.randn(2, 1, 28, 28)
+    assert pool(x).shape == stride(x).shape == (2, 10)
+    relus = [n for n, m in pool.named_modules() if isinstance(m, nn.ReLU)]
+    assert relus == ["features.1", "features.4", "features.7"]
+    assert [m.stride for m in stride.features if isinstance(m, nn.Conv2d)] == [(2, 2)] * 3
+    with pytest.raises(ValueError, match="downsample"):
+        get_model("pooling_cnn", downsample="avg")

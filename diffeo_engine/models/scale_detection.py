@@ -1,8 +1,14 @@
 """The scale-detection CNNs of Tomasini, Petrini, Cagnetta, Wyart (2022/23), in 1D and 2D.
 
-``depth`` convolutional layers of filter size ``f``, stride ``s`` (every layer strided, as
-in the authors' runs) and ``width`` channels, circular padding, an activation (``relu`` or
-``tanh``) after every layer, global pooling over positions, and a readout.
+``depth`` convolutional layers of filter size ``f`` and ``width`` channels, circular
+padding, an activation (``relu`` or ``tanh``) after every layer, global pooling over
+positions, and a readout. ``strided="all"`` (default) gives every layer stride ``s``, so
+that ``depth = log2 L`` layers of ``f = s = 2`` end on one position (the receptive field
+of the last layer is the whole signal). ``strided="first"`` strides only the first layer,
+which is what the released code builds: ``ConvNetGAPMF_1d`` is called with
+``idx_strides = list(range(nbl))`` and compares the layer index ``1, 2, ...`` with
+``idx_strides[0] = 0``, which never matches (UmbertoTomasini/scale_detection_1d,
+``convolutional_nets.py``, ``ScaleDetection_SGD.py``).
 
 Parametrisation follows the authors' released code: weights are drawn ``N(0, 1)`` and
 divided by ``sqrt(fan_in)`` in the forward pass, biases ``N(0, 1)``, and each activation is
@@ -115,6 +121,7 @@ class ScaleDetectionCNN(nn.Module):
         readout: str = "linear",
         out_dim: int = 1,
         alpha: float = 1.0,
+        strided: str = "all",
     ) -> None:
         super().__init__()
         self.dim = check_int("dim", dim, 1, 2)
@@ -134,14 +141,23 @@ class ScaleDetectionCNN(nn.Module):
         readout = check_choice("readout", readout, ("linear", "mean_field"))
         self.out_dim = check_int("out_dim", out_dim, 1)
         alpha = check_float("alpha", alpha, 0.0, strict=True)
+        self.strided = check_choice("strided", strided, ("all", "first"))
 
         channels = [in_channels] + [self.width] * self.depth
         self.features = nn.Sequential(
             *(
                 ScaleDetectionLayer(
-                    self.dim, c_in, c_out, filter_size, stride, activation, gain, padding, bias
+                    self.dim,
+                    c_in,
+                    c_out,
+                    filter_size,
+                    stride if (i == 0 or self.strided == "all") else 1,
+                    activation,
+                    gain,
+                    padding,
+                    bias,
                 )
-                for c_in, c_out in itertools.pairwise(channels)
+                for i, (c_in, c_out) in enumerate(itertools.pairwise(channels))
             )
         )
         self.pool = (
@@ -180,6 +196,7 @@ def _factory(dim: int):
         readout: str = "linear",
         out_dim: int = 1,
         alpha: float = 1.0,
+        strided: str = "all",
     ) -> ScaleDetectionCNN:
         return ScaleDetectionCNN(
             dim,
@@ -196,6 +213,7 @@ def _factory(dim: int):
             readout=readout,
             out_dim=out_dim,
             alpha=alpha,
+            strided=strided,
         )
 
     build.__name__ = f"scale_detection_cnn{dim}d"

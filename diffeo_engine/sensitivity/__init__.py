@@ -2,10 +2,14 @@
 
 ``SensitivityMeter(model, layers, T, cut)`` hooks the chosen layers, ``update(images)``
 folds each batch into float64 sums, ``compute()`` returns a :class:`SensitivityResult`.
+``metric="cosine"`` gives Ruderman et al.'s (2018) normalised cosine sensitivity,
+``estimator="median"`` Petrini et al.'s (2021) median estimator.
 """
 
 from diffeo_engine.sensitivity.hooks import select_modules
 from diffeo_engine.sensitivity.meter import (
+    ESTIMATORS,
+    METRICS,
     REDUCTIONS,
     NonFiniteActivationError,
     SensitivityMeter,
@@ -14,6 +18,8 @@ from diffeo_engine.sensitivity.meter import (
 from diffeo_engine.sensitivity.result import LayerRecord, SensitivityResult
 
 __all__ = [
+    "ESTIMATORS",
+    "METRICS",
     "REDUCTIONS",
     "LayerRecord",
     "NonFiniteActivationError",

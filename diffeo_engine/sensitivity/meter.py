@@ -5,7 +5,10 @@ fused kernel on GPU, or through the user's :class:`~diffeo_engine.transforms.Per
 makes *one* forward pass over ``cat([x, tau x, x + eta])`` under ``torch.no_grad``, and lets
 forward hooks fold every measured activation into float64 sums
 (:mod:`diffeo_engine.sensitivity.stats`). Nothing per image is kept, so memory does not
-grow with the number of images.
+grow with the number of images (except with ``estimator="median"``, :mod:`.median`).
+The perturbations come from :mod:`.settings`, the features and metric from
+:mod:`.features`, the distributed gather from :mod:`.gather`. The module is a little over
+500 lines because the meter's hooks, staging and commit are one idea.
 
 Scaling out: give each process a contiguous share of the data set, pass every batch's
 global position (``update(images, start=i)``) so that ids and jackknife groups are those of
@@ -17,21 +20,23 @@ the whole data set, equal to a single process's to rounding (design.md section 3
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
-import platform
-import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-import diffeo_engine
-from diffeo_engine import ops
 from diffeo_engine.distributed import DistributedContext
-from diffeo_engine.physics import check_cut, check_ids, check_images, check_seed, check_T
+from diffeo_engine.physics import check_choice, check_ids, check_seed
+from diffeo_engine.progress import Progress
+from diffeo_engine.sensitivity.features import (
+    METRICS,
+    REDUCTIONS,
+    measured_features,
+    model_float_dtype,
+    model_tensor,
+    reduce_features,
+)
+from diffeo_engine.sensitivity.gather import reduced_copy
 from diffeo_engine.sensitivity.hooks import (
     INPUT,
     OUTPUT,
@@ -39,90 +44,30 @@ from diffeo_engine.sensitivity.hooks import (
     first_tensor,
     select_modules,
 )
+from diffeo_engine.sensitivity.median import MedianStore
 from diffeo_engine.sensitivity.result import LayerRecord, SensitivityResult
+from diffeo_engine.sensitivity.settings import make_settings, perturb_batch
 from diffeo_engine.sensitivity.stats import SiteStats
+from diffeo_engine.versions import versions
 
-__all__ = ["REDUCTIONS", "NonFiniteActivationError", "SensitivityMeter", "reduce_features"]
+__all__ = [
+    "ESTIMATORS",
+    "METRICS",
+    "REDUCTIONS",
+    "NonFiniteActivationError",
+    "SensitivityMeter",
+    "reduce_features",
+]
 
-REDUCTIONS = ("full", "channel_mean", "spatial_mean")
+ESTIMATORS = ("mean", "median")
 
 
 class NonFiniteActivationError(ValueError):
     """A measured activation held NaN or inf; the message names the layer."""
 
 
-def reduce_features(values: torch.Tensor, reduce: str) -> torch.Tensor:
-    """``(B, C, *positions)`` to the measured ``(B, F)``: as is (``full``), averaged over
-    channels (``channel_mean``, dim 1), or averaged over positions (``spatial_mean``,
-    dims 2 and up). ``(B, F)`` activations have no positions; ``(B,)`` ones are ``(B, 1)``.
-    """
-    if values.dim() == 1:
-        values = values[:, None]
-    if reduce == "channel_mean":
-        values = values.mean(dim=1, keepdim=values.dim() == 2)
-    elif reduce == "spatial_mean" and values.dim() > 2:
-        values = values.mean(dim=tuple(range(2, values.dim())))
-    return values.reshape(values.shape[0], -1)
-
-
-@dataclass(frozen=True)
-class _Setting:
-    label: str
-    T: float | None
-    cut: int | None
-    perturbation: Callable | None  # None: the built-in max-entropy pair through ops
-
-
 class _HookFailure(Exception):
     """Carries an error raised by the meter's own hook through the model's forward."""
-
-
-class _Progress:
-    """A progress line on stderr (tqdm when installed)."""
-
-    def __init__(self, total: int | None) -> None:
-        self.total, self.done, self.start, self.last = total, 0, time.perf_counter(), 0.0
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self.bar = None
-        else:
-            self.bar = tqdm(total=total, unit="img", desc="sensitivity", file=sys.stderr)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.perf_counter()
-        if now - self.last < 0.2 and self.done != self.total:
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        of = f"/{self.total}" if self.total else ""
-        sys.stderr.write(f"\rsensitivity: {self.done}{of} images, {rate:.1f} img/s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        elif self.done:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-        self.done = 0
-
-
-def _model_tensor(model: nn.Module) -> torch.Tensor | None:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor
-    return None
-
-
-def _model_float_dtype(model: nn.Module) -> torch.dtype | None:
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return None
 
 
 class SensitivityMeter:
@@ -140,6 +85,14 @@ class SensitivityMeter:
             this is how 1D inputs ``(B, C, L)`` are measured.
         noise: ``"matched"`` or a fixed sigma (design.md section 2).
         reduce: ``"full"``, ``"channel_mean"`` or ``"spatial_mean"`` (:func:`reduce_features`).
+        metric: ``"euclidean"`` (design.md section 2) or ``"cosine"``: each reduced
+            representation is scaled to unit length first, so ``D = E[1 - cos(f(tau x),
+            f(x))] / E_{x != z}[1 - cos(f(x), f(z))]``, the normalised cosine stability of
+            Ruderman, Rabinowitz, Morcos, Zoran (2018); an all-zero representation stays
+            zero.
+        estimator: ``"mean"`` (streamed float64 sums, jackknife errors) or ``"median"``,
+            the estimator of Petrini et al. (NeurIPS 2021), :mod:`.median`: it keeps every
+            image's representation of each measured layer in memory and gives no errors.
         seed, perturbations_per_image: image id ``i`` is perturbed ``K`` times, with the
             perturbation ids ``i * K + k``; its clean representation counts once. With
             ``ids=None`` an image's id is its position in the stream (0, 1, 2, ...; a batch
@@ -188,6 +141,8 @@ class SensitivityMeter:
         error_groups: int = 10,
         input_dtype: torch.dtype | None = None,
         preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        metric: str = "euclidean",
+        estimator: str = "mean",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -210,9 +165,17 @@ class SensitivityMeter:
         self.interp, self.backend = interp, backend
         self.autocast_dtype, self.channels_last = autocast_dtype, bool(channels_last)
         self.input_dtype, self.preprocess = input_dtype, preprocess
+        if preprocess is not None and not callable(preprocess):
+            raise TypeError(f"preprocess: expected a callable, got {type(preprocess).__name__}")
+        self.metric = check_choice("metric", metric, METRICS)
+        self.estimator = check_choice("estimator", estimator, ESTIMATORS)
+        self._kept: dict[str, MedianStore] = {}  # estimator="median": every image's features
         self.error_groups = error_groups
         self._layers_spec = layers
-        self._settings = self._make_settings(T, cut, settings, perturbation)
+        self._settings = make_settings(
+            T, cut, settings, perturbation, seed=self.seed, noise=noise, interp=interp,
+            backend=backend,
+        )  # fmt: skip
         modules, self._want_input = select_modules(model, layers)
         names = {name for name, _ in modules}
         self._input_name = INPUT if INPUT not in names else "<input>"
@@ -231,68 +194,9 @@ class SensitivityMeter:
         self._mode: str | None = None
         self._image_info: dict = {}
         total = progress if isinstance(progress, int) and not isinstance(progress, bool) else None
-        self._progress = _Progress(total) if progress else None
+        self._progress = Progress(total, desc="sensitivity", unit="images") if progress else None
 
     # ----------------------------------------------------------------------- settings
-
-    def _make_settings(self, T, cut, settings, perturbation) -> list[_Setting]:
-        if perturbation is not None:
-            if settings is not None:
-                raise ValueError("settings: give either settings=[(T, cut), ...] or perturbation")
-            many = isinstance(perturbation, (list, tuple))
-            chosen = list(perturbation) if many else [perturbation]
-            if not chosen:
-                raise ValueError("perturbation: expected a callable or a non-empty list of them")
-            out = []
-            for p in chosen:
-                if not callable(p):
-                    raise TypeError(
-                        "perturbation: expected a callable (images, ids) -> (tau x, x + eta), "
-                        f"got {type(p).__name__}"
-                    )
-                pT, pcut = getattr(p, "T", T), getattr(p, "cut", cut)
-                pT = float(pT) if isinstance(pT, (int, float)) else None
-                pcut = int(pcut) if isinstance(pcut, int) else None
-                label = type(p).__name__ if pT is None else f"T={pT:.4g}, cut={pcut}"
-                out.append(_Setting(label, pT, pcut, p))
-            labels = [s.label for s in out]
-            if len(set(labels)) < len(labels):
-                out = [
-                    _Setting(f"{s.label} #{i}", s.T, s.cut, s.perturbation)
-                    for i, s in enumerate(out)
-                ]
-            return out
-        if settings is None:
-            if T is None or cut is None:
-                raise ValueError(
-                    "T, cut: expected a temperature and a cut-off (or settings=[(T, cut), ...], "
-                    "or perturbation=...)"
-                )
-            settings = [(T, cut)]
-        elif T is not None or cut is not None:
-            raise ValueError("settings: give either T and cut, or settings=[(T, cut), ...]")
-        out, seen = [], set()
-        for item in settings:
-            if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise TypeError(f"settings: expected (T, cut) pairs, got {item!r}")
-            sT, scut = item
-            if torch.is_tensor(sT):
-                raise TypeError("T: expected a float per setting (a sweep takes settings=[...])")
-            check_T(sT, 1, torch.device("cpu"))
-            scut = check_cut(scut)
-            key = (float(sT), scut)
-            if key in seen:
-                raise ValueError(f"settings: (T={sT}, cut={scut}) given twice")
-            seen.add(key)
-            out.append(_Setting(f"T={float(sT):.4g}, cut={scut}", float(sT), scut, None))
-        # noise / interp / backend are checked once here, through ops, on a tiny image
-        probe = torch.zeros(1, 1, 2, 2)
-        for s in out:
-            ops.perturb(
-                probe, s.T, s.cut, seed=self.seed, noise=self.noise, interp=self.interp,
-                backend=self.backend,
-            )  # fmt: skip
-        return out
 
     # ------------------------------------------------------------------------- update
 
@@ -312,6 +216,7 @@ class SensitivityMeter:
     def reset(self) -> None:
         """Forget every image seen so far (the hooks stay)."""
         self._stats.clear()
+        self._kept.clear()
         self._meta.clear()
         self._order.clear()
         self._n_seen = 0
@@ -322,57 +227,8 @@ class SensitivityMeter:
         """The number of images seen so far."""
         return self._n_seen
 
-    def _perturb(
-        self, images: torch.Tensor, ids: torch.Tensor
-    ) -> list[tuple[int, int, torch.Tensor]]:
-        """Every perturbed copy: ``(setting, kind, batch)`` for ``k`` in order, kind 0 then 1."""
-        K, B = self.K, images.shape[0]
-        pids = [ids * K + k for k in range(K)]
-        out: list[tuple[int, int, torch.Tensor]] = []
-        builtin: dict[int, list[int]] = {}
-        for index, s in enumerate(self._settings):
-            if s.perturbation is None:
-                builtin.setdefault(s.cut, []).append(index)
-                continue
-            for k in range(K):
-                pair = s.perturbation(images, pids[k])
-                if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-                    raise TypeError(
-                        "perturbation: expected it to return (tau x, x + eta), "
-                        f"got {type(pair).__name__}"
-                    )
-                for kind, part in enumerate(pair):
-                    if not torch.is_tensor(part) or part.shape != images.shape:
-                        got = tuple(part.shape) if torch.is_tensor(part) else type(part).__name__
-                        raise ValueError(
-                            f"perturbation: expected outputs of shape {tuple(images.shape)} "
-                            f"(the images'), got {got}"
-                        )
-                    out.append((index, kind, part))
-        if builtin:
-            check_images(images)
-            out_dtype = torch.float32 if images.dtype == torch.uint8 else None
-        for cut, members in builtin.items():
-            # one launch per cut: images repeated per (setting, k), per-image T
-            reps = len(members) * K
-            batch = images.repeat(reps, *([1] * (images.dim() - 1)))
-            T = torch.tensor(
-                [self._settings[i].T for i in members], dtype=torch.float32, device=images.device
-            ).repeat_interleave(K * B)
-            all_ids = torch.cat(pids).repeat(len(members))
-            tau, noisy = ops.perturb(
-                batch, T, cut, seed=self.seed, ids=all_ids, noise=self.noise,
-                interp=self.interp, out_dtype=out_dtype, backend=self.backend,
-            )  # fmt: skip
-            for m, index in enumerate(members):
-                for k in range(K):
-                    chunk = slice((m * K + k) * B, (m * K + k + 1) * B)
-                    out.append((index, 0, tau[chunk]))
-                    out.append((index, 1, noisy[chunk]))
-        return out
-
     def _check_device(self, images: torch.Tensor) -> None:
-        reference = _model_tensor(self.model)
+        reference = model_tensor(self.model)
         if reference is not None and reference.device != images.device:
             raise ValueError(
                 f"images: expected a tensor on {reference.device} (the model's device), "
@@ -413,17 +269,27 @@ class SensitivityMeter:
                 f"{(2**63 - 1) // self.K} (perturbation ids are id * K + k)"
             )
         with torch.no_grad():
-            perturbed = self._perturb(images, ids)
+            perturbed = perturb_batch(
+                self._settings, images, ids, self.K, seed=self.seed, noise=self.noise,
+                interp=self.interp, backend=self.backend,
+            )  # fmt: skip
             clean = images.to(torch.float32) if images.dtype == torch.uint8 else images
             parts = [clean] + [p for _, _, p in perturbed]
-            dtype = self.input_dtype or _model_float_dtype(self.model)
+            dtype = self.input_dtype or model_float_dtype(self.model)
             if dtype is None:
                 dtype = clean.dtype if clean.is_floating_point() else torch.float32
             batch = torch.cat([p.to(dtype) for p in parts])
             if self.channels_last and batch.dim() == 4:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             if self.preprocess is not None:
+                shape = tuple(batch.shape)
                 batch = self.preprocess(batch)
+                if not torch.is_tensor(batch) or batch.dim() == 0 or batch.shape[0] != shape[0]:
+                    got = tuple(batch.shape) if torch.is_tensor(batch) else type(batch).__name__
+                    raise TypeError(
+                        f"preprocess: expected it to return a tensor with the batch's first "
+                        f"dimension {shape[0]} (it received {shape}), got {got}"
+                    )
             groups = positions % self.error_groups
             onehot = torch.nn.functional.one_hot(groups, self.error_groups).T.to(torch.float64)
             self._batch_info = (B, [(s, kind) for s, kind, _ in perturbed], onehot)
@@ -496,7 +362,7 @@ class SensitivityMeter:
         work_dtype = torch.promote_types(value.dtype, torch.float32)
 
         def features(index: int) -> torch.Tensor:
-            return reduce_features(value[index].to(work_dtype), self.reduce)
+            return measured_features(value[index].to(work_dtype), self.reduce, self.metric)
 
         clean = features(0)
         stats = self._stats.get(site)
@@ -515,6 +381,8 @@ class SensitivityMeter:
             )
         perturbed = [(s, kind, features(1 + i)) for i, (s, kind) in enumerate(plan)]
         self._pending[site] = stats.contributions(clean, perturbed, onehot)
+        if self.estimator == "median":
+            self._pending[site]["kept"] = MedianStore.batch(clean, perturbed)
 
     def _commit(self) -> None:
         """Refuse the batch if any staged sum is not finite (naming the layer), else add."""
@@ -538,11 +406,15 @@ class SensitivityMeter:
             which = ["x", "tau x", "x + eta"][int((~flags[row]).nonzero()[0])]
             self._pending = {}
             raise NonFiniteActivationError(
-                f"layer {sites[row]!r}: NaN or inf in its activation for {which} "
+                f"layer {sites[row]!r}: NaN or inf in its activation for {which}, or (float64 "
+                "activations beyond ~1e154 only) its squared distance overflowed float64 "
                 "(this batch was not added)"
             )
         for site in sites:
+            kept = self._pending[site].pop("kept", None)
             self._stats[site].add(self._pending[site])
+            if kept is not None:
+                self._kept.setdefault(site, MedianStore()).add(kept)
         self._pending = {}
 
     # ------------------------------------------------------------------------ compute
@@ -555,7 +427,10 @@ class SensitivityMeter:
         all-reduce) and each rank gets the records of all the images seen by all.
         """
         if distributed is not None and distributed.active:
-            return self._reduced(distributed).compute()
+            if self.estimator == "median":
+                raise ValueError("distributed: estimator='median' keeps per-image values and "
+                                 "cannot be gathered; use estimator='mean'")  # fmt: skip
+            return reduced_copy(self, distributed).compute()
         if not self._order:
             raise RuntimeError("compute: no images yet; call update(images) first")
         offset = 0 if self._want_input else 1
@@ -569,7 +444,11 @@ class SensitivityMeter:
                 )
             kind, shape = self._meta[site]
             for index, setting in enumerate(self._settings):
-                est = stats.estimates(index)
+                est = (
+                    self._kept[site].estimates(index)
+                    if self.estimator == "median"
+                    else stats.estimates(index)
+                )
                 records.append(
                     LayerRecord(
                         name=site,
@@ -587,82 +466,6 @@ class SensitivityMeter:
                     )
                 )
         return SensitivityResult(records, self.describe())
-
-    def _reduced(self, ctx: DistributedContext) -> SensitivityMeter:
-        """A copy of this meter holding the sums of every rank of ``ctx``, to compute.
-
-        A collective (every rank calls it): the layer lists are compared through one small
-        object gather, the reference shift (design.md section 2's sums are kept about the
-        first image's representation) is broadcast from the first rank that saw images,
-        each rank re-centres its sums on it, and all the float64 accumulators travel in one
-        flat buffer through one all-reduce. This meter is left as it was; the copy shares
-        its hooks and only computes.
-        """
-        mine = {
-            "order": list(self._order),
-            "meta": dict(self._meta),
-            "features": {site: self._stats[site].n_features for site in self._order},
-            "images": self._n_seen,
-            "mode": self._mode,
-            "image_info": dict(self._image_info),
-        }
-        everyone = ctx.all_gather_object(mine)
-        seen = [rank for rank, info in enumerate(everyone) if info["order"]]
-        if not seen:
-            raise RuntimeError("compute: no images yet on any rank; call update(images) first")
-        ref = everyone[seen[0]]
-        for rank in seen[1:]:
-            info = everyone[rank]
-            if info["order"] != ref["order"] or info["features"] != ref["features"]:
-                raise ValueError(
-                    f"compute: rank {rank} measured layers {info['features']} but rank "
-                    f"{seen[0]} measured {ref['features']}; every rank must run the same model"
-                )
-        order, features = ref["order"], ref["features"]
-        G, S = self.error_groups, len(self._settings)
-        device = None
-        if self._order:
-            device = self._stats[self._order[0]].S1.device
-        shift_here = (
-            torch.cat([self._stats[site].shift for site in order])
-            if self._order
-            else torch.zeros(sum(features.values()), dtype=torch.float64, device=device)
-        )
-        shift = ctx.broadcast(shift_here, src=seen[0])
-        pieces, offset = [], 0
-        for site in order:
-            F = features[site]
-            common = shift[offset : offset + F]
-            offset += F
-            stats = self._stats.get(site)
-            if stats is None:
-                stats = SiteStats(F, S, G, common.device)
-                stats.shift = common
-            d = stats.shift - common  # move the sums from this rank's shift to the common one
-            S1 = stats.S1 + stats.N[:, None] * d
-            S2 = stats.S2 + 2.0 * (stats.S1 @ d) + stats.N * d.square().sum()
-            pieces += [S1.flatten(), S2, stats.N, stats.num.flatten(), stats.M.flatten()]
-        total = ctx.all_reduce_sum(torch.cat(pieces))
-        out = copy.copy(self)
-        out._stats, out._pending, out._batch_info = {}, {}, None
-        out._progress, out._closed = None, True
-        offset = shift_offset = 0
-        for site in order:
-            F = features[site]
-            stats = SiteStats(F, S, G, total.device)
-            stats.shift = shift[shift_offset : shift_offset + F].to(total.device)
-            shift_offset += F
-            for name, shape in (
-                ("S1", (G, F)), ("S2", (G,)), ("N", (G,)), ("num", (S, 2, G)), ("M", (S, G))
-            ):  # fmt: skip
-                size = math.prod(shape)
-                setattr(stats, name, total[offset : offset + size].reshape(shape))
-                offset += size
-            out._stats[site] = stats
-        out._order, out._meta = list(order), dict(ref["meta"])
-        out._n_seen = sum(info["images"] for info in everyone)
-        out._mode, out._image_info = ref["mode"], ref["image_info"]
-        return out
 
     def describe(self) -> dict:
         """The settings, versions and seed that reproduce the run."""
@@ -683,6 +486,8 @@ class SensitivityMeter:
             ],
             "noise": self.noise,
             "reduce": self.reduce,
+            "metric": self.metric,
+            "estimator": self.estimator,
             "perturbations_per_image": self.K,
             "perturbation_ids": "id * K + k",
             "interp": self.interp,
@@ -700,11 +505,7 @@ class SensitivityMeter:
             "groups of images (image n in group n mod G)",
             "error_groups": self.error_groups,
             **self._image_info,
-            "versions": {
-                "diffeo_engine": diffeo_engine.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": versions(),
         }
 
     def __repr__(self) -> str:

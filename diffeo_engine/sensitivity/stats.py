@@ -37,6 +37,15 @@ def pair_denominator(S1_sq, S2, N):
     return 2.0 * (N * S2 - S1_sq) / (N * (N - 1.0))
 
 
+def _squared_distance(values: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """``||values - clean||^2`` per row as float64: in the working dtype, or in float64 when
+    that overflowed (activations near 1e19 square past float32's 3.4e38)."""
+    out = (values - clean).square().sum(1)
+    if out.dtype != torch.float64 and not bool(torch.isfinite(out).all()):
+        out = (values.to(torch.float64) - clean.to(torch.float64)).square().sum(1)
+    return out.to(torch.float64)
+
+
 class Estimates(dict):
     """``D, G, R, denominator, D_numerator, G_numerator`` and their ``*_err``: floats."""
 
@@ -66,8 +75,9 @@ class SiteStats:
         ``(setting, kind, (B, F))`` with ``kind`` 0 for ``tau x`` and 1 for ``x + eta``;
         ``onehot`` is the ``(G, B)`` float64 group membership of the images. Group sums are
         matrix products with it. A perturbed image's squared distance is computed in the
-        activations' dtype (float32 at least) and accumulated over images in float64; the
-        clean sums are float64 throughout.
+        activations' dtype (float32 at least), again in float64 for a batch where that
+        overflowed (finite activations beyond about 1e19), and accumulated over images in
+        float64; the clean sums are float64 throughout.
         """
         float64 = torch.float64
         clean64 = clean.to(float64)
@@ -75,7 +85,7 @@ class SiteStats:
             self.shift = clean64[0].clone()
         centred = clean64 - self.shift
         columns = [centred.square().sum(1), torch.ones_like(centred[:, 0])]
-        columns += [(values - clean).square().sum(1).to(float64) for _, _, values in perturbed]
+        columns += [_squared_distance(values, clean) for _, _, values in perturbed]
         sums = onehot @ torch.stack(columns, dim=1)  # (G, 2 + len(perturbed))
         num = torch.zeros_like(self.num)
         M = torch.zeros_like(self.M)
