@@ -3,6 +3,7 @@ pictures that are written and show something, and a --help that does not load to
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -319,3 +320,12 @@ def test_train_load_weights_refuses_what_is_not_a_state_dict(tmp_path):
         with pytest.raises(ValueError, match=match) as info:
             load_weights(model, path)
         assert "\n" not in str(info.value)
+
+
+def test_sensitivity_metric_and_estimator_flags_reach_the_meter(mnist_like, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = sensitivity_argv(mnist_like, out, "--metric", "cosine", "--estimator", "median")
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    settings = json.loads((out / "sensitivity.json").read_text())["settings"]
+    assert settings["metric"] == "cosine" and settings["estimator"] == "median"

@@ -1,6 +1,7 @@
-"""Data: readers for arrays, image folders and MNIST IDX files, and the scale-detection tasks
+"""Data: readers for arrays, image folders, MNIST IDX and CIFAR-10 binary files, and the scale-detection tasks
 of Tomasini et al. (2022/23) with their task-specific perturbations."""
 
+from diffeo_engine.data.cifar10 import load_cifar10
 from diffeo_engine.data.scale_detection import (
     OneHotShift,
     ScaleDetection,
@@ -15,6 +16,7 @@ __all__ = [
     "OneHotShift",
     "ScaleDetection",
     "ScaleDetectionPerturbation",
+    "load_cifar10",
     "load_mnist",
     "one_hot_signals",
     "open_source",

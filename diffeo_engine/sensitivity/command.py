@@ -271,6 +271,14 @@ def add_command(subparsers) -> argparse.ArgumentParser:
         help="resize every image (folders of mixed sizes need it)",
     )  # fmt: skip
     p.add_argument("--reduce", default="full", choices=("full", "channel_mean", "spatial_mean"))
+    p.add_argument(
+        "--metric", default="euclidean", choices=("euclidean", "cosine"),
+        help="squared distances (Petrini et al.) or normalised cosine (Ruderman et al. 2018)",
+    )  # fmt: skip
+    p.add_argument(
+        "--estimator", default="mean", choices=("mean", "median"),
+        help="streamed means with jackknife errors, or the median of Petrini et al. 2021",
+    )  # fmt: skip
     p.add_argument("--per-image", type=int, default=1, help="perturbations per image (K)")
     p.add_argument("--noise", default="matched", help="'matched' or a fixed sigma")
     p.add_argument("--interp", default="bilinear", choices=("bilinear", "nearest"))
@@ -400,6 +408,8 @@ def _run(args: argparse.Namespace, ctx) -> int:
         settings=settings,
         noise=noise,
         reduce=args.reduce,
+        metric=args.metric,
+        estimator=args.estimator,
         seed=args.seed,
         perturbations_per_image=args.per_image,
         interp=args.interp,
