@@ -1,5 +1,5 @@
-"""Data: readers for arrays, image folders, MNIST IDX and CIFAR-10 binary files, and the scale-detection tasks
-of Tomasini et al. (2022/23) with their task-specific perturbations."""
+"""Data: readers for arrays, image folders, MNIST IDX and CIFAR-10 binary files, and the
+scale-detection tasks of Tomasini et al. (2022/23) with their task-specific perturbations."""
 
 from diffeo_engine.data.cifar10 import load_cifar10
 from diffeo_engine.data.scale_detection import (
