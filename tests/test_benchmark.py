@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from diffeo_engine import benchmark as bm
+from diffeo_engine.benchmark import device as bm_device
 from diffeo_engine import reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +122,7 @@ def test_telemetry_says_what_is_missing(monkeypatch):
         pass
     assert sampler.summary() == {"available": False, "reason": "not a CUDA device"}
     monkeypatch.setitem(sys.modules, "pynvml", None)
-    nvml, why = bm._nvml()
+    nvml, why = bm_device._nvml()
     assert nvml is None and "nvidia-ml-py is not installed" in why
 
 
@@ -130,6 +131,7 @@ def test_time_callable_on_cpu():
     timing = bm.time_callable(lambda: calls.append(1), "cpu", warmup_s=0.001, reps=5)
     assert timing["timer"] == "perf_counter" and timing["reps"] >= 3
     assert timing["p20_s"] <= timing["median_s"] <= timing["p80_s"]
+    assert timing["min_s"] <= timing["p20_s"] and timing["p80_s"] <= timing["max_s"]
     assert len(calls) >= timing["warmup_calls"] + timing["reps"] * timing["inner"]
     smoke = bm.time_callable(lambda: None, "cpu", smoke=True)
     assert smoke["reps"] == 1 and smoke["inner"] == 1
@@ -144,7 +146,7 @@ def _check_schema(doc, providers):
     for r in doc["results"]:
         for key in ("provider", "shape", "dtype", "cut", "pairs_per_s", "effective_GBps"):
             assert key in r
-        assert r["pairs_per_s"] > 0
+        assert 0 < r["pairs_per_s_min"] <= r["pairs_per_s"] <= r["pairs_per_s_max"]
         bytes_model = bm.pair_bytes if r["kind"] == "pair" else bm.deform_bytes
         assert r["bytes_per_pair"] == bytes_model(r["shape"], r["in_dtype"], r["out_dtype"])
         assert r["effective_GBps"] == pytest.approx(r["pairs_per_s"] * r["bytes_per_pair"] / 1e9)
@@ -173,6 +175,9 @@ def test_run_benchmarks_json_schema(monkeypatch):
         assert reasons and all("kornia is not installed" in r for r in reasons)
     table = bm.format_table(doc)
     assert "grid_sample" in table and "copy bandwidth" in table
+    grid = by[("grid_sample", "float32")]
+    spread = f"{grid['pairs_per_s_min']:.3g}-{grid['pairs_per_s_max']:.3g}"
+    assert "min-max" in table and spread in table
 
 
 def test_merge_results():
@@ -296,8 +301,8 @@ class _FakeNVML:
 
 
 def test_clock_sampler_summarises_nvml_samples(monkeypatch):
-    monkeypatch.setattr(bm, "_nvml", lambda: (_FakeNVML, None))
-    monkeypatch.setattr(bm, "_nvml_handle", lambda nvml, device: "handle")
+    monkeypatch.setattr(bm_device, "_nvml", lambda: (_FakeNVML, None))
+    monkeypatch.setattr(bm_device, "_nvml_handle", lambda nvml, device: "handle")
     sampler = bm.ClockSampler("cuda", interval_s=0.001)
     with sampler:
         bm.time.sleep(0.02)
