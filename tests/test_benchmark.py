@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from diffeo_engine import benchmark as bm
-from diffeo_engine.benchmark import device as bm_device
 from diffeo_engine import reference
+from diffeo_engine.benchmark import device as bm_device
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [(3, 2, 6, 7)]
