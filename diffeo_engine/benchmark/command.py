@@ -44,7 +44,25 @@ def _split(values: Sequence[str] | None) -> list[str] | None:
     return [v for value in values for v in value.split(",") if v]
 
 
+def _run_static(args: argparse.Namespace) -> int:
+    from diffeo_engine.benchmark import static
+
+    cases = static.STATIC_CASES
+    if args.cut:
+        cases = tuple(c for c in cases if c.cut in args.cut)
+    say = (lambda m: print(f"  {m}", file=sys.stderr, flush=True)) if args.verbose else None
+    doc = static.static_report(cases, capabilities=tuple(args.targets), progress=say)
+    doc["command"] = [Path(sys.argv[0]).name, *sys.argv[1:]]
+    print(static.format_static_table(doc))
+    if args.out:
+        path = static.write_static(doc, args.out)
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.static:
+        return _run_static(args)
     if args.merge:
         doc = merge_results([json.loads(Path(p).read_text()) for p in args.merge])
     else:
@@ -94,7 +112,9 @@ def add_command(subparsers) -> argparse.ArgumentParser:
             "Time fused (Triton), torch-reference, grid_sample (eager and compiled), the "
             "published per-image loop and kornia on random data; report pairs/s, effective "
             "GB/s under the minimum-bytes model and the fraction of the copy bandwidth "
-            "measured in the same run. Default: the issue's matrix on CUDA, tiny shapes on CPU."
+            "measured in the same run. Default: the issue's matrix on CUDA, tiny shapes on CPU. "
+            "--static: no GPU needed; compile the kernels for sm_90/sm_80 and report their "
+            "static costs and a labelled model estimate instead."
         ),
     )
     p.add_argument("--out", help="JSON file (or folder: <gpu>-<date>.json); .md/.png beside it")
@@ -110,6 +130,15 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--timer", choices=("events", "do_bench"), default="events")
     p.add_argument("--merge", nargs="+", default=None, help="merge result JSON files instead")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
+    p.add_argument(
+        "--static",
+        action="store_true",
+        help="no timing: compile every kernel variant offline (sm_90, sm_80) and report "
+        "registers, spills, SASS mix, instructions per channel-pixel and a model estimate",
+    )
+    p.add_argument(
+        "--targets", nargs="+", type=int, default=[90, 80], help="--static: compute capabilities"
+    )
     p.add_argument("--verbose", "-v", action="store_true", help="print progress to stderr")
     p.set_defaults(run=_run_bench)
     return p

@@ -12,6 +12,8 @@ regenerated from its Philox counters, never stored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import triton
 import triton.language as tl
@@ -35,7 +37,16 @@ from diffeo_engine.kernels.warp import (
 from diffeo_engine.physics import check_cut
 from diffeo_engine.reference import memory_format_of
 
-__all__ = ["KERNEL_DTYPES", "MAX_CUT", "MAX_INDEX", "MAX_SIDE", "check_launchable", "perturb"]
+__all__ = [
+    "KERNEL_DTYPES",
+    "MAX_CUT",
+    "MAX_INDEX",
+    "MAX_SIDE",
+    "Launch",
+    "check_launchable",
+    "launches",
+    "perturb",
+]
 
 MAX_CUT = 64  # coefficient matrices are (CP, CP) per program, CP = next power of two
 MAX_INDEX = 2**31  # per-image offsets are int32
@@ -276,6 +287,8 @@ def check_launchable(images: torch.Tensor, cut: int) -> None:
         )
     if max(H, W) > MAX_SIDE:
         raise ValueError(f"images: the triton backend needs H, W <= 2**24, got H={H}, W={W}")
+    if min(H, W) < 2:
+        raise ValueError(f"images: the triton backend needs H, W >= 2, got H={H}, W={W}")
 
 
 def _tile_shape(H: int, W: int) -> tuple[int, int]:
@@ -283,12 +296,17 @@ def _tile_shape(H: int, W: int) -> tuple[int, int]:
     return min(32, max(16, triton.next_power_of_2(H))), min(64, max(16, triton.next_power_of_2(W)))
 
 
-def _programs_per_image(n_images: int, n_tiles: int, device: torch.device) -> int:
+def _programs_per_image(n_images: int, n_tiles: int, sm_count: int | None) -> int:
     """Tile groups per image: enough programs to fill the GPU (one per image elsewhere)."""
-    if device.type != "cuda":
+    if sm_count is None:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_tiles, -(-4 * sms // max(n_images, 1))))
+    return max(1, min(n_tiles, -(-4 * sm_count // max(n_images, 1))))
+
+
+def _sm_count(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _shared_tables(images: torch.Tensor, cut: int) -> tuple[torch.Tensor, ...]:
@@ -321,6 +339,86 @@ def _outputs(images, out_dtype, noise, out):
     return tau, noisy
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch exactly as :func:`perturb` makes it: ``kernel[grid](*args, **kwargs)``.
+
+    ``loops`` describes the kernel's run-time loops in code order, ``(trips, inner loops)``
+    with ``trips`` averaged over the grid's programs: the static cost report
+    (:mod:`diffeo_engine.benchmark.static`) multiplies SASS counts by them.
+    """
+
+    kernel: object
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict
+    loops: tuple = field(default=())
+
+
+def launches(
+    images: torch.Tensor,
+    T: torch.Tensor,
+    ids: torch.Tensor,
+    tau: torch.Tensor,
+    noisy: torch.Tensor | None,
+    *,
+    cut: int,
+    seed: int,
+    noise: str | float | None,
+    interp: str,
+    programs_per_image: int | None = None,
+    sm_count: int | None = None,
+) -> list[Launch]:
+    """The launches that compute ``tau`` (and ``noisy``) from ``images``: the one place the
+    grid, arguments and constexprs are decided. Works on ``meta`` tensors (no memory)."""
+    B, C, H, W = images.shape
+    BH, BW = _tile_shape(H, W)
+    n_tiles_x = triton.cdiv(W, BW)
+    n_tiles = n_tiles_x * triton.cdiv(H, BH)
+    G = programs_per_image or _programs_per_image(B, n_tiles, sm_count)
+    G = max(1, min(G, n_tiles))
+    mode = NOISE_NONE if noise is None else NOISE_MATCHED if noise == "matched" else NOISE_SIGMA
+    split = mode == NOISE_MATCHED and G > 1
+    part = torch.empty((B, G, 2), dtype=torch.float32, device=images.device) if split else tau
+    sx, sy, std = _shared_tables(images, cut)
+    noisy_arg = tau if noisy is None else noisy
+    tiles = n_tiles / G
+    channel_loop = ((C, ()),)
+    warp_loops = ((tiles, channel_loop),)
+    if mode == NOISE_MATCHED and not split:
+        warp_loops += ((tiles, channel_loop),)
+    plan = [
+        Launch(
+            _warp_kernel,
+            (B, G),
+            (
+                images, tau, noisy_arg, part, T, ids, sx, sy, std, seed,
+                float(noise) if mode == NOISE_SIGMA else 0.0, C, H, W, *images.stride(),
+                *tau.stride(), n_tiles_x, n_tiles,
+            ),
+            dict(
+                CP=padded_modes(cut), BH=BH, BW=BW, NEAREST=interp == "nearest", NOISE=mode,
+                FUSED=not split, num_warps=4,
+            ),
+            warp_loops,
+        )
+    ]  # fmt: skip
+    if split:
+        plan.append(
+            Launch(
+                _matched_noise_kernel,
+                (B, G),
+                (
+                    images, noisy, part, ids, seed, C, H, W, *images.stride(), *tau.stride(),
+                    n_tiles_x, n_tiles,
+                ),
+                dict(GP=triton.next_power_of_2(G), BH=BH, BW=BW, num_warps=4),
+                ((tiles, channel_loop),),
+            )
+        )  # fmt: skip
+    return plan
+
+
 def perturb(
     images: torch.Tensor,
     T: torch.Tensor,
@@ -342,29 +440,12 @@ def perturb(
     """
     check_launchable(images, cut)
     tau, noisy = _outputs(images, out_dtype, noise, out)
-    B, C, H, W = images.shape
     if images.numel() == 0:
         return tau, noisy
-    BH, BW = _tile_shape(H, W)
-    n_tiles_x = triton.cdiv(W, BW)
-    n_tiles = n_tiles_x * triton.cdiv(H, BH)
-    G = programs_per_image or _programs_per_image(B, n_tiles, images.device)
-    G = max(1, min(G, n_tiles))
-    mode = NOISE_NONE if noise is None else NOISE_MATCHED if noise == "matched" else NOISE_SIGMA
-    split = mode == NOISE_MATCHED and G > 1
-    part = torch.empty((B, G, 2), dtype=torch.float32, device=images.device) if split else tau
-    sx, sy, std = _shared_tables(images, cut)
-    T, ids = T.contiguous(), ids.contiguous()
-    noisy_arg = tau if noisy is None else noisy
-    wrap_triton(_warp_kernel)[(B, G)](
-        images, tau, noisy_arg, part, T, ids, sx, sy, std, seed,
-        float(noise) if mode == NOISE_SIGMA else 0.0, C, H, W, *images.stride(),
-        *tau.stride(), n_tiles_x, n_tiles, CP=padded_modes(cut), BH=BH, BW=BW,
-        NEAREST=interp == "nearest", NOISE=mode, FUSED=not split, num_warps=4,
+    plan = launches(
+        images, T.contiguous(), ids.contiguous(), tau, noisy, cut=cut, seed=seed, noise=noise,
+        interp=interp, programs_per_image=programs_per_image, sm_count=_sm_count(images.device),
     )  # fmt: skip
-    if split:
-        wrap_triton(_matched_noise_kernel)[(B, G)](
-            images, noisy, part, ids, seed, C, H, W, *images.stride(), *tau.stride(),
-            n_tiles_x, n_tiles, GP=triton.next_power_of_2(G), BH=BH, BW=BW, num_warps=4,
-        )  # fmt: skip
+    for launch in plan:
+        wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.kwargs)
     return tau, noisy
