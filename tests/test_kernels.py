@@ -141,8 +141,8 @@ def _draws_kernel(coef_ptr, noise_ptr, ids_ptr, std_ptr, seed, C, H, W,
     k = tl.arange(0, CP)
     ct = _philox.coefficients_t(seed, _philox.COEFF_STREAM_DY, id_lo, id_hi, std_ptr, 1.0, CP)
     tl.store(coef_ptr + b * CP * CP + k[:, None] * CP + k[None, :], ct)
-    ys = tl.arange(0, BH)[:, None]
-    xs = tl.arange(0, BW)[None, :]
+    ys = tl.arange(0, BH)[:, None, None]
+    xs = 4 * tl.arange(0, BW // 4)[None, :, None] + tl.arange(0, 4)[None, None, :]
     for c in range(C):
         z = _philox.noise_tile(seed, id_lo, id_hi, c, H, ys, 0, BW)
         tl.store(noise_ptr + ((b * C + c) * H + ys) * W + xs, z, mask=(ys < H) & (xs < W))

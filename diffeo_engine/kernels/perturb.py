@@ -1,17 +1,29 @@
-"""The fused perturbation: coefficients, field, warp and noise of each image in one launch.
+"""The fused perturbation: coefficients, field, warp and noise of each image on chip.
 
-``_warp_kernel`` runs on a grid ``(B, G)``: program ``(b, g)`` draws image ``b``'s
-coefficients from Philox, then for the tiles ``g, g + G, ...`` synthesises the field,
-warps every channel and writes ``tau x`` (and ``x + sigma z`` for fixed-sigma noise).
-Matched noise needs ``||tau x - x||`` and ``||z||`` over the whole image first: with
-``G = 1`` the same program adds the noise in a second pass over its tiles (``FUSED``);
-with ``G > 1`` each program writes its two partial squared norms and
-``_matched_noise_kernel`` sums them in a fixed order and adds the noise. ``z`` is
-regenerated from its Philox counters, never stored.
+Two shapes of launch, both deterministic (an image depends on ``(seed, id)`` only, never on
+the batch or the GPU):
+
+* ``_resident_kernel``, grid ``(B,)``, when the image is one tile (``H <= 32``,
+  ``W <= 64``) of at most ``MAX_RESIDENT_CHANNELS`` channels: the program draws the
+  ``(CP, CP)`` coefficients, synthesises the field, warps every channel and keeps ``x`` and
+  ``z`` of every channel in registers, so matched noise reads ``x`` once, draws ``z``
+  once and writes each output once.
+* otherwise ``_coefficients_kernel`` (grid ``(B,)``) writes each image's coefficients
+  once, and ``_warp_kernel`` runs ``G`` programs per image (``G`` = the number of tiles:
+  a function of the image size only) on a 1-D grid, the programs of one image adjacent.
+  For matched noise each program writes its partial squared norms and counts itself done
+  on a per-image counter; the image's last program sums the ``G`` partials in float64 in
+  program order and writes ``x + z ||tau x - x|| / ||z||`` over all the image's tiles,
+  re-reading ``x`` right after its sibling programs read it (from L2) and regenerating
+  ``z`` from its Philox counters. One launch for the pass, never a stored ``z``.
+
+Floating-point contraction is off (``enable_fp_fusion=False``): the bilinear weights and
+the uint8 rounding are computed in the reference's order, each product rounded.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +38,14 @@ from diffeo_engine.kernels._philox import (
     id_words,
     noise_tile,
 )
-from diffeo_engine.kernels.field import field_tile, padded_modes, tables
+from diffeo_engine.kernels.field import (
+    drawn_modes,
+    field_tile,
+    field_tile_modes,
+    load_coefficients,
+    padded_modes,
+    tables,
+)
 from diffeo_engine.kernels.warp import (
     bilinear,
     bilinear_offsets,
@@ -51,215 +70,213 @@ __all__ = [
 MAX_CUT = 64  # coefficient matrices are (CP, CP) per program, CP = next power of two
 MAX_INDEX = 2**31  # per-image offsets are int32
 MAX_SIDE = 2**24  # pixel coordinates are exact in float32
+MAX_GRID = 2**31 - 1  # programs along the grid's first axis
+MAX_RESIDENT_CHANNELS = 4
 KERNEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 NOISE_NONE, NOISE_SIGMA, NOISE_MATCHED = 0, 1, 2
+RESIDENT_WARPS = 8  # a 32x32 image: 4 pixels per thread, x and z of every channel in registers
+TILE_WARPS = 8  # a 32x64 tile: 8 pixels per thread (4 warps spill at 224x224)
 
 
 @triton.jit
-def _tile(t, n_tiles_x, H, W, BH: tl.constexpr, BW: tl.constexpr):
-    """Rows ``(BH, 1)``, columns ``(1, BW)``, first column and in-image mask of tile ``t``."""
+def _tile(t, n_tiles_x, H, W, BH: tl.constexpr, BW: tl.constexpr, EVEN: tl.constexpr):
+    """Rows ``(BH, 1, 1)``, columns ``(1, BW // 4, 4)``, first column and in-image mask of
+    tile ``t`` (a constant when ``EVEN``: the tiles cover the image exactly, no access is
+    masked). Columns in quads: a thread holds the four pixels of one Philox call."""
     x_start = (t % n_tiles_x) * BW
-    ys = (t // n_tiles_x) * BH + tl.arange(0, BH)[:, None]
-    xs = x_start + tl.arange(0, BW)[None, :]
-    return ys, xs, x_start, (ys < H) & (xs < W)
+    ys = (t // n_tiles_x) * BH + tl.arange(0, BH)[:, None, None]
+    xs = x_start + 4 * tl.arange(0, BW // 4)[None, :, None] + tl.arange(0, 4)[None, None, :]
+    if EVEN:
+        return ys, xs, x_start, tl.full((BH, BW // 4, 4), 1, tl.int1)
+    else:
+        return ys, xs, x_start, (ys < H) & (xs < W)
 
 
 @triton.jit
-def _add_noise(
-    x_img,
-    noisy_img,
-    seed,
-    id_lo,
-    id_hi,
-    scale,
-    t_first,
-    t_step,
-    n_tiles,
-    n_tiles_x,
-    C,
-    H,
-    W,
-    sxc,
-    sxh,
-    sxw,
-    soc,
-    soh,
-    sow,
-    BH: tl.constexpr,
-    BW: tl.constexpr,
-):
-    """Write ``x + scale * z`` on the tiles ``t_first, t_first + t_step, ...``."""
-    for t in range(t_first, n_tiles, t_step):
-        ys, xs, x_start, mask = _tile(t, n_tiles_x, H, W, BH, BW)
-        for c in range(C):
-            clean = tl.load(x_img + c * sxc + ys * sxh + xs * sxw, mask=mask, other=0)
-            z = noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW)
-            store_values(
-                noisy_img + c * soc + ys * soh + xs * sow, clean.to(tl.float32) + z * scale, mask
-            )
+def _field(coef_ptr, b, sx_ptr, sy_ptr, ys, xs, H, W, CUT: tl.constexpr, CQ: tl.constexpr,
+           CP: tl.constexpr):  # fmt: skip
+    """The tile's displacements: unrolled over the modes for ``cut <= 8``, else products."""
+    if CQ <= 8:
+        return field_tile_modes(coef_ptr, b, sx_ptr, sy_ptr, ys, xs, H, W, CUT, CQ, CP)
+    else:
+        ct_u, ct_v = load_coefficients(coef_ptr, b, CQ, CP)
+        return field_tile(ct_u, ct_v, sx_ptr, sy_ptr, ys, xs, H, W, CP)
 
 
 @triton.jit
-def _warp_kernel(
-    x_ptr,
-    tau_ptr,
-    noisy_ptr,
-    part_ptr,
-    T_ptr,
-    ids_ptr,
-    sx_ptr,
-    sy_ptr,
-    std_ptr,
-    seed,
-    sigma,
-    C,
-    H,
-    W,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    sob,
-    soc,
-    soh,
-    sow,
-    n_tiles_x,
-    n_tiles,
-    CP: tl.constexpr,
-    BH: tl.constexpr,
-    BW: tl.constexpr,
-    NEAREST: tl.constexpr,
-    NOISE: tl.constexpr,
-    FUSED: tl.constexpr,
-):
-    """Field, warp and noise of image ``program_id(0)`` on its tile group ``program_id(1)``."""
+def _offsets(dx, dy, ys, xs, H, W, sxh, sxw, NEAREST: tl.constexpr):
+    """Source offsets and weights of a tile: four corners, or the nearest pixel four times."""
+    px, py = source_points(dx, dy, ys, xs, H, W)
+    if NEAREST:
+        o = nearest_offsets(px, py, sxh, sxw)
+        return o, o, o, o, px, py
+    else:
+        return bilinear_offsets(px, py, H, W, sxh, sxw)
+
+
+@triton.jit
+def _sample(src, o00, o01, o10, o11, wx, wy, mask, NEAREST: tl.constexpr):
+    if NEAREST:
+        return tl.load(src + o00, mask=mask, other=0).to(tl.float32)
+    else:
+        return bilinear(src, o00, o01, o10, o11, wx, wy, mask)
+
+
+@triton.jit
+def _channel(x_img, tau_img, noisy_img, c: tl.constexpr, sxc, soc, o00, o01, o10, o11, wx, wy,
+             here, out, mask, seed, id_lo, id_hi, sigma, H, ys, x_start,
+             BW: tl.constexpr, NEAREST: tl.constexpr, NOISE: tl.constexpr,
+             FAST: tl.constexpr):  # fmt: skip
+    """Channel ``c`` of a resident image: write ``tau x`` (and ``x + sigma z``); return
+    ``tau x``, ``x`` and ``z``."""
+    src = x_img + c * sxc
+    value = _sample(src, o00, o01, o10, o11, wx, wy, mask, NEAREST)
+    store_values(tau_img + c * soc + out, value, mask)
+    clean = value
+    z = value
+    if NOISE != 0:
+        clean = tl.load(src + here, mask=mask, other=0).to(tl.float32)
+        z = noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW, FAST)
+        if NOISE == 1:
+            store_values(noisy_img + c * soc + out, tl.fma(z, sigma, clean), mask)
+    return value, clean, z
+
+
+@triton.jit
+def _squares(value, clean, z, d2, z2, mask):
+    """Running per-pixel sums of ``(tau x - x)^2`` and ``z^2`` (zero off the image)."""
+    change = tl.where(mask, value - clean, 0.0)
+    z = tl.where(mask, z, 0.0)
+    return tl.fma(change, change, d2), tl.fma(z, z, z2)
+
+
+@triton.jit
+def _resident_kernel(x_ptr, tau_ptr, noisy_ptr, coef_ptr, ids_ptr, sx_ptr, sy_ptr, seed, sigma,
+                     H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+                     NC: tl.constexpr, CUT: tl.constexpr, CQ: tl.constexpr, CP: tl.constexpr,
+                     BH: tl.constexpr,
+                     BW: tl.constexpr, NEAREST: tl.constexpr, NOISE: tl.constexpr,
+                     FAST: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+    """Image ``program_id(0)`` whole, its ``NC`` channels' ``x`` and ``z`` kept on chip."""
     b = tl.program_id(0)
-    g = tl.program_id(1)
-    G = tl.num_programs(1)
     id_lo, id_hi = id_words(ids_ptr, b)
-    sqrt_T = tl.sqrt_rn(tl.load(T_ptr + b))
-    ct_u = coefficients_t(seed, COEFF_STREAM_DX, id_lo, id_hi, std_ptr, sqrt_T, CP)
-    ct_v = coefficients_t(seed, COEFF_STREAM_DY, id_lo, id_hi, std_ptr, sqrt_T, CP)
     x_img = x_ptr + b.to(tl.int64) * sxb
     tau_img = tau_ptr + b.to(tl.int64) * sob
     noisy_img = noisy_ptr + b.to(tl.int64) * sob
-    d2 = 0.0
-    z2 = 0.0
-    for t in range(g, n_tiles, G):
-        ys, xs, x_start, mask = _tile(t, n_tiles_x, H, W, BH, BW)
-        dx, dy = field_tile(ct_u, ct_v, sx_ptr, sy_ptr, ys, xs, H, W, CP)
-        px, py = source_points(dx, dy, ys, xs, H, W)
-        if NEAREST:
-            o = nearest_offsets(px, py, sxh, sxw)
-        else:
-            o00, o01, o10, o11, wx, wy = bilinear_offsets(px, py, H, W, sxh, sxw)
-        out = ys * soh + xs * sow
-        for c in range(C):
-            src = x_img + c * sxc
-            if NEAREST:
-                value = tl.load(src + o, mask=mask, other=0).to(tl.float32)
-            else:
-                value = bilinear(src, o00, o01, o10, o11, wx, wy, mask)
-            store_values(tau_img + c * soc + out, value, mask)
-            if NOISE != 0:
-                clean = tl.load(src + ys * sxh + xs * sxw, mask=mask, other=0).to(tl.float32)
-                z = noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW)
-                if NOISE == 1:
-                    store_values(noisy_img + c * soc + out, clean + z * sigma, mask)
-                else:
-                    change = tl.where(mask, value - clean, 0.0)
-                    z = tl.where(mask, z, 0.0)
-                    d2 += tl.sum(change * change)
-                    z2 += tl.sum(z * z)
+    ys, xs, x_start, mask = _tile(0, 1, H, W, BH, BW, EVEN)
+    dx, dy = _field(coef_ptr, b, sx_ptr, sy_ptr, ys, xs, H, W, CUT, CQ, CP)
+    o00, o01, o10, o11, wx, wy = _offsets(dx, dy, ys, xs, H, W, sxh, sxw, NEAREST)
+    here = ys * sxh + xs * sxw
+    out = ys * soh + xs * sow
+    t0, x0, z0 = _channel(x_img, tau_img, noisy_img, 0, sxc, soc, o00, o01, o10, o11, wx, wy,
+                          here, out, mask, seed, id_lo, id_hi, sigma, H, ys, x_start, BW,
+                          NEAREST, NOISE, FAST)  # fmt: skip
+    d2, z2 = _squares(t0, x0, z0, 0.0, 0.0, mask)
+    x1, z1, x2, z2_, x3, z3 = x0, z0, x0, z0, x0, z0
+    if NC > 1:
+        t1, x1, z1 = _channel(x_img, tau_img, noisy_img, 1, sxc, soc, o00, o01, o10, o11, wx,
+                              wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys, x_start,
+                              BW, NEAREST, NOISE, FAST)  # fmt: skip
+        d2, z2 = _squares(t1, x1, z1, d2, z2, mask)
+    if NC > 2:
+        t2, x2, z2_ = _channel(x_img, tau_img, noisy_img, 2, sxc, soc, o00, o01, o10, o11, wx,
+                               wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys, x_start,
+                               BW, NEAREST, NOISE, FAST)  # fmt: skip
+        d2, z2 = _squares(t2, x2, z2_, d2, z2, mask)
+    if NC > 3:
+        t3, x3, z3 = _channel(x_img, tau_img, noisy_img, 3, sxc, soc, o00, o01, o10, o11, wx,
+                              wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys, x_start,
+                              BW, NEAREST, NOISE, FAST)  # fmt: skip
+        d2, z2 = _squares(t3, x3, z3, d2, z2, mask)
     if NOISE == 2:
-        if FUSED:
-            scale = tl.div_rn(tl.sqrt_rn(d2), tl.sqrt_rn(z2))
-            _add_noise(
-                x_img,
-                noisy_img,
-                seed,
-                id_lo,
-                id_hi,
-                scale,
-                g,
-                G,
-                n_tiles,
-                n_tiles_x,
-                C,
-                H,
-                W,
-                sxc,
-                sxh,
-                sxw,
-                soc,
-                soh,
-                sow,
-                BH,
-                BW,
-            )
-        else:
-            part = part_ptr + (b.to(tl.int64) * G + g) * 2
-            tl.store(part, d2)
-            tl.store(part + 1, z2)
+        scale = tl.div_rn(tl.sqrt_rn(tl.sum(d2)), tl.sqrt_rn(tl.sum(z2)))
+        store_values(noisy_img + out, tl.fma(z0, scale, x0), mask)
+        if NC > 1:
+            store_values(noisy_img + soc + out, tl.fma(z1, scale, x1), mask)
+        if NC > 2:
+            store_values(noisy_img + 2 * soc + out, tl.fma(z2_, scale, x2), mask)
+        if NC > 3:
+            store_values(noisy_img + 3 * soc + out, tl.fma(z3, scale, x3), mask)
 
 
 @triton.jit
-def _matched_noise_kernel(
-    x_ptr,
-    noisy_ptr,
-    part_ptr,
-    ids_ptr,
-    seed,
-    C,
-    H,
-    W,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    sob,
-    soc,
-    soh,
-    sow,
-    n_tiles_x,
-    n_tiles,
-    GP: tl.constexpr,
-    BH: tl.constexpr,
-    BW: tl.constexpr,
-):
-    """Second pass of split matched noise: ``x + z ||tau x - x|| / ||z||`` per tile group."""
+def _coefficients_kernel(coef_ptr, T_ptr, ids_ptr, std_ptr, seed, CQ: tl.constexpr):
+    """Image ``program_id(0)``'s transposed coefficients of ``u`` and ``v``, ``(2, CQ, CQ)``."""
     b = tl.program_id(0)
-    g = tl.program_id(1)
-    G = tl.num_programs(1)
-    groups = tl.arange(0, GP)
-    part = part_ptr + (b.to(tl.int64) * G + groups) * 2
-    d2 = tl.sum(tl.load(part, mask=groups < G, other=0.0))
-    z2 = tl.sum(tl.load(part + 1, mask=groups < G, other=0.0))
-    scale = tl.div_rn(tl.sqrt_rn(d2), tl.sqrt_rn(z2))
     id_lo, id_hi = id_words(ids_ptr, b)
-    _add_noise(
-        x_ptr + b.to(tl.int64) * sxb,
-        noisy_ptr + b.to(tl.int64) * sob,
-        seed,
-        id_lo,
-        id_hi,
-        scale,
-        g,
-        G,
-        n_tiles,
-        n_tiles_x,
-        C,
-        H,
-        W,
-        sxc,
-        sxh,
-        sxw,
-        soc,
-        soh,
-        sow,
-        BH,
-        BW,
-    )
+    sqrt_T = tl.sqrt_rn(tl.load(T_ptr + b))
+    k = tl.arange(0, CQ)
+    at = coef_ptr + b.to(tl.int64) * (2 * CQ * CQ) + k[:, None] * CQ + k[None, :]
+    tl.store(at, coefficients_t(seed, COEFF_STREAM_DX, id_lo, id_hi, std_ptr, sqrt_T, CQ))
+    tl.store(at + CQ * CQ, coefficients_t(seed, COEFF_STREAM_DY, id_lo, id_hi, std_ptr, sqrt_T, CQ))
+
+
+@triton.jit
+def _add_noise(x_img, noisy_img, seed, id_lo, id_hi, scale, n_tiles, n_tiles_x, C, H, W,
+               sxc, sxh, sxw, soc, soh, sow, BH: tl.constexpr, BW: tl.constexpr,
+               FAST: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+    """Write ``x + scale * z`` on every tile of the image."""
+    for t in range(0, n_tiles):
+        ys, xs, x_start, mask = _tile(t, n_tiles_x, H, W, BH, BW, EVEN)
+        for c in range(C):
+            clean = tl.load(x_img + c * sxc + ys * sxh + xs * sxw, mask=mask, other=0)
+            z = noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW, FAST)
+            store_values(
+                noisy_img + c * soc + ys * soh + xs * sow,
+                tl.fma(z, scale, clean.to(tl.float32)),
+                mask,
+            )
+
+
+@triton.jit
+def _warp_kernel(x_ptr, tau_ptr, noisy_ptr, part_ptr, count_ptr, coef_ptr, ids_ptr, sx_ptr,
+                 sy_ptr, seed, sigma, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+                 n_tiles_x, n_tiles, G, CUT: tl.constexpr, CQ: tl.constexpr, CP: tl.constexpr,
+                 GP: tl.constexpr,
+                 BH: tl.constexpr, BW: tl.constexpr, NEAREST: tl.constexpr,
+                 NOISE: tl.constexpr, FAST: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+    """Field, warp and noise of image ``pid // G`` on its tiles ``pid % G``, ``+ G``, ..."""
+    pid = tl.program_id(0)
+    b = pid // G
+    g = pid % G
+    id_lo, id_hi = id_words(ids_ptr, b)
+    x_img = x_ptr + b.to(tl.int64) * sxb
+    tau_img = tau_ptr + b.to(tl.int64) * sob
+    noisy_img = noisy_ptr + b.to(tl.int64) * sob
+    d2 = tl.zeros((BH, BW // 4, 4), tl.float32)
+    z2 = tl.zeros((BH, BW // 4, 4), tl.float32)
+    for t in range(g, n_tiles, G):
+        ys, xs, x_start, mask = _tile(t, n_tiles_x, H, W, BH, BW, EVEN)
+        dx, dy = _field(coef_ptr, b, sx_ptr, sy_ptr, ys, xs, H, W, CUT, CQ, CP)
+        o00, o01, o10, o11, wx, wy = _offsets(dx, dy, ys, xs, H, W, sxh, sxw, NEAREST)
+        out = ys * soh + xs * sow
+        for c in range(C):
+            src = x_img + c * sxc
+            value = _sample(src, o00, o01, o10, o11, wx, wy, mask, NEAREST)
+            store_values(tau_img + c * soc + out, value, mask)
+            if NOISE != 0:
+                clean = tl.load(src + ys * sxh + xs * sxw, mask=mask, other=0).to(tl.float32)
+                z = noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW, FAST)
+                if NOISE == 1:
+                    store_values(noisy_img + c * soc + out, tl.fma(z, sigma, clean), mask)
+                else:
+                    d2, z2 = _squares(value, clean, z, d2, z2, mask)
+    if NOISE == 2:
+        part = part_ptr + (b.to(tl.int64) * G + g) * 2
+        tl.store(part, tl.sum(d2))
+        tl.store(part + 1, tl.sum(z2))
+        tl.debug_barrier()  # every thread's partial is out before the count says so
+        done = tl.atomic_add(count_ptr + b, 1, sem="acq_rel")
+        if done == G - 1:  # the image's last program: the norms are complete
+            groups = tl.arange(0, GP)
+            parts = part_ptr + (b.to(tl.int64) * G + groups) * 2
+            d2s = tl.load(parts, mask=groups < G, other=0.0, cache_modifier=".cg")
+            z2s = tl.load(parts + 1, mask=groups < G, other=0.0, cache_modifier=".cg")
+            d2_all = tl.sum(d2s.to(tl.float64))
+            z2_all = tl.sum(z2s.to(tl.float64))
+            scale = (tl.sqrt(d2_all) / tl.sqrt(z2_all)).to(tl.float32)
+            _add_noise(x_img, noisy_img, seed, id_lo, id_hi, scale, n_tiles, n_tiles_x, C, H,
+                       W, sxc, sxh, sxw, soc, soh, sow, BH, BW, FAST, EVEN)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -296,17 +313,13 @@ def _tile_shape(H: int, W: int) -> tuple[int, int]:
     return min(32, max(16, triton.next_power_of_2(H))), min(64, max(16, triton.next_power_of_2(W)))
 
 
-def _programs_per_image(n_images: int, n_tiles: int, sm_count: int | None) -> int:
-    """Tile groups per image: enough programs to fill the GPU (one per image elsewhere)."""
-    if sm_count is None:
-        return 1
-    return max(1, min(n_tiles, -(-4 * sm_count // max(n_images, 1))))
-
-
-def _sm_count(device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _check_programs(programs_per_image) -> None:
+    if programs_per_image is None:
+        return
+    if isinstance(programs_per_image, bool) or not isinstance(programs_per_image, int):
+        raise TypeError(f"programs_per_image: expected an integer >= 1, got {programs_per_image!r}")
+    if programs_per_image < 1:
+        raise ValueError(f"programs_per_image: expected an integer >= 1, got {programs_per_image}")
 
 
 def _shared_tables(images: torch.Tensor, cut: int) -> tuple[torch.Tensor, ...]:
@@ -315,6 +328,23 @@ def _shared_tables(images: torch.Tensor, cut: int) -> tuple[torch.Tensor, ...]:
     if torch.compiler.is_compiling() or type(images) is not torch.Tensor:
         return tables.__wrapped__(H, W, cut, images.device)
     return tables(H, W, cut, images.device)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """Bytes ``[start, end)`` a tensor's elements occupy in its storage."""
+    if t.numel() == 0:
+        return 0, 0
+    lo = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0)
+    hi = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
+    start = t.data_ptr() + lo * t.element_size()
+    return start, t.data_ptr() + (hi + 1) * t.element_size()
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device != b.device or a.device.type == "meta":
+        return False
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _outputs(images, out_dtype, noise, out):
@@ -334,8 +364,12 @@ def _outputs(images, out_dtype, noise, out):
                 f"{name}: expected a {out_dtype} tensor of shape {tuple(images.shape)} on "
                 f"{images.device}, got {buf.dtype} {tuple(buf.shape)} on {buf.device}"
             )
+        if _overlap(buf, images):
+            raise ValueError(f"{name}: expected a buffer that does not overlap the images")
     if noisy is not None and noisy.stride() != tau.stride():
         raise ValueError("out: expected both buffers to have the same strides")
+    if noisy is not None and _overlap(noisy, tau):
+        raise ValueError("out: expected two buffers that do not overlap each other")
     return tau, noisy
 
 
@@ -367,56 +401,72 @@ def launches(
     noise: str | float | None,
     interp: str,
     programs_per_image: int | None = None,
-    sm_count: int | None = None,
 ) -> list[Launch]:
     """The launches that compute ``tau`` (and ``noisy``) from ``images``: the one place the
-    grid, arguments and constexprs are decided. Works on ``meta`` tensors (no memory)."""
+    grid, arguments and constexprs are decided. Works on ``meta`` tensors (no memory).
+
+    Nothing here depends on the device: ``G`` (programs per image) is the image's tile
+    count unless ``programs_per_image`` forces it, so the matched-noise norms are summed in
+    the same order on every GPU and at every batch size.
+    """
+    _check_programs(programs_per_image)
     B, C, H, W = images.shape
     BH, BW = _tile_shape(H, W)
+    CP, CQ = padded_modes(cut), drawn_modes(cut)
     n_tiles_x = triton.cdiv(W, BW)
     n_tiles = n_tiles_x * triton.cdiv(H, BH)
-    G = programs_per_image or _programs_per_image(B, n_tiles, sm_count)
-    G = max(1, min(G, n_tiles))
     mode = NOISE_NONE if noise is None else NOISE_MATCHED if noise == "matched" else NOISE_SIGMA
-    split = mode == NOISE_MATCHED and G > 1
-    part = torch.empty((B, G, 2), dtype=torch.float32, device=images.device) if split else tau
+    sigma = float(noise) if mode == NOISE_SIGMA else 0.0
     sx, sy, std = _shared_tables(images, cut)
     noisy_arg = tau if noisy is None else noisy
+    options = dict(num_warps=RESIDENT_WARPS, enable_fp_fusion=False)
+    fast = os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter has no approximations
+    coef = torch.empty((B, 2, CQ, CQ), dtype=torch.float32, device=images.device)
+    draw = Launch(
+        _coefficients_kernel, (B,), (coef, T, ids, std, seed),
+        dict(CQ=CQ, num_warps=4 if CQ >= 16 else 1, enable_fp_fusion=False),
+    )  # fmt: skip
+    if n_tiles == 1 and C <= MAX_RESIDENT_CHANNELS and programs_per_image in (None, 1):
+        return [
+            draw,
+            Launch(
+                _resident_kernel,
+                (B,),
+                (images, tau, noisy_arg, coef, ids, sx, sy, seed, sigma, H, W,
+                 *images.stride(), *tau.stride()),
+                dict(NC=C, CUT=cut, CQ=CQ, CP=CP, BH=BH, BW=BW, NEAREST=interp == "nearest",
+                     NOISE=mode, FAST=fast, EVEN=H == BH and W == BW, **options),
+                (),
+            ),
+        ]  # fmt: skip
+    G = min(programs_per_image or n_tiles, n_tiles)
+    if B * G > MAX_GRID:
+        raise ValueError(
+            f"images: the triton backend runs at most {MAX_GRID} programs, got {B} images "
+            f"of {G} tiles each; split the batch"
+        )
+    matched = mode == NOISE_MATCHED
+    part = torch.empty((B, G, 2), dtype=torch.float32, device=images.device) if matched else tau
+    count = torch.zeros(B, dtype=torch.int32, device=images.device) if matched else ids
     tiles = n_tiles / G
-    channel_loop = ((C, ()),)
-    warp_loops = ((tiles, channel_loop),)
-    if mode == NOISE_MATCHED and not split:
-        warp_loops += ((tiles, channel_loop),)
-    plan = [
+    channels = ((C, ()),)
+    loops: tuple = ((tiles, channels),)
+    if matched:  # the last program of each image: 1 / G of the programs, every tile
+        loops += ((n_tiles / G, channels),)
+    return [
+        draw,
         Launch(
             _warp_kernel,
-            (B, G),
-            (
-                images, tau, noisy_arg, part, T, ids, sx, sy, std, seed,
-                float(noise) if mode == NOISE_SIGMA else 0.0, C, H, W, *images.stride(),
-                *tau.stride(), n_tiles_x, n_tiles,
-            ),
-            dict(
-                CP=padded_modes(cut), BH=BH, BW=BW, NEAREST=interp == "nearest", NOISE=mode,
-                FUSED=not split, num_warps=4,
-            ),
-            warp_loops,
-        )
+            (B * G,),
+            (images, tau, noisy_arg, part, count, coef, ids, sx, sy, seed, sigma, C, H, W,
+             *images.stride(), *tau.stride(), n_tiles_x, n_tiles, G),
+            dict(CUT=cut, CQ=CQ, CP=CP, GP=triton.next_power_of_2(G), BH=BH, BW=BW,
+                 NEAREST=interp == "nearest", NOISE=mode, FAST=fast,
+                 EVEN=H % BH == 0 and W % BW == 0,
+                 **{**options, "num_warps": TILE_WARPS}),
+            loops,
+        ),
     ]  # fmt: skip
-    if split:
-        plan.append(
-            Launch(
-                _matched_noise_kernel,
-                (B, G),
-                (
-                    images, noisy, part, ids, seed, C, H, W, *images.stride(), *tau.stride(),
-                    n_tiles_x, n_tiles,
-                ),
-                dict(GP=triton.next_power_of_2(G), BH=BH, BW=BW, num_warps=4),
-                ((tiles, channel_loop),),
-            )
-        )  # fmt: skip
-    return plan
 
 
 def perturb(
@@ -436,7 +486,9 @@ def perturb(
 
     Arguments are already validated (``T`` float32 and ``ids`` int64, shape ``(B,)``, on
     the images' device); ``noise`` is ``None``, ``"matched"`` or a sigma. ``out`` gives
-    preallocated buffers, ``programs_per_image`` forces the tile-group count ``G``.
+    preallocated buffers (refused if they overlap the images or each other);
+    ``programs_per_image`` forces the tile-group count ``G`` (matched-noise norms are then
+    summed in another order: equal to float32 rounding, not bit for bit).
     """
     check_launchable(images, cut)
     tau, noisy = _outputs(images, out_dtype, noise, out)
@@ -444,7 +496,7 @@ def perturb(
         return tau, noisy
     plan = launches(
         images, T.contiguous(), ids.contiguous(), tau, noisy, cut=cut, seed=seed, noise=noise,
-        interp=interp, programs_per_image=programs_per_image, sm_count=_sm_count(images.device),
+        interp=interp, programs_per_image=programs_per_image,
     )  # fmt: skip
     for launch in plan:
         wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.kwargs)
