@@ -152,7 +152,7 @@ def test_grids_are_one_dimensional_and_limited():
     ids = torch.empty(n, dtype=torch.int64, device="meta")
     tau = torch.empty_like(images)
     kw = dict(cut=3, seed=0, noise=None, interp="nearest")
-    assert kernels.launches(images, T, ids, tau, None, **kw)[-1].grid == (n * 28,)
+    assert kernels.launches(images, T, ids, tau, None, **kw)[-1].grid == (n * 7 * 7,)
     big = torch.empty((2**27, 1, 224, 224), device="meta")
     with pytest.raises(ValueError, match="at most 2147483647 programs"):
         kernels.launches(big, T, ids, big, None, **kw)

@@ -496,6 +496,12 @@ def _estimate(case: StaticCase, thread_instr: float, records: list[dict]) -> dic
     x_bytes = B * C * H * W * case.dtype.itemsize
     if "_matched_noise_kernel" in kernels and x_bytes > m.l2_bytes:
         reread = x_bytes  # the second launch reads x again after the whole batch went by
+    note = None
+    if case.noise == "matched" and "_warp_kernel" in kernels and not reread:
+        note = (
+            "x is read a second time by each image's last program right after its sibling "
+            "programs read it: counted as an L2 hit, not HBM traffic (unverified offline)"
+        )
     t_issue = thread_instr / 32 / (m.sms * m.issue_per_sm_per_cycle * m.clock_GHz * 1e9)
     t_memory = (bytes_min + reread) / (m.copy_GBps * 1e9)
     bound = "issue-bound" if t_issue > t_memory else "memory-bound"
@@ -505,6 +511,7 @@ def _estimate(case: StaticCase, thread_instr: float, records: list[dict]) -> dic
         "label": "model estimate (static SASS counts x loop trips; not a GPU measurement)",
         "bytes_min": bytes_min,
         "bytes_reread_x": reread,
+        "note": note,
         "t_issue_us": t_issue * 1e6,
         "t_memory_us": t_memory * 1e6,
         "bound": bound,

@@ -75,7 +75,8 @@ MAX_RESIDENT_CHANNELS = 4
 KERNEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 NOISE_NONE, NOISE_SIGMA, NOISE_MATCHED = 0, 1, 2
 RESIDENT_WARPS = 8  # a 32x32 image: 4 pixels per thread, x and z of every channel in registers
-TILE_WARPS = 8  # a 32x64 tile: 8 pixels per thread (4 warps spill at 224x224)
+TILE_WARPS = 8  # a 32x32 tile: 4 pixels per thread (a 32x64 one at 4 warps spilled)
+TILE_WIDTH = 32
 
 
 @triton.jit
@@ -309,8 +310,11 @@ def check_launchable(images: torch.Tensor, cut: int) -> None:
 
 
 def _tile_shape(H: int, W: int) -> tuple[int, int]:
-    """``(BH, BW)``: powers of two in ``[16, 32]`` rows by ``[16, 64]`` columns."""
-    return min(32, max(16, triton.next_power_of_2(H))), min(64, max(16, triton.next_power_of_2(W)))
+    """``(BH, BW)``: powers of two in ``[16, 32]`` rows by ``[16, 64]`` columns; an image
+    larger than one such tile is cut in 32 x 32 tiles (fewer registers per thread)."""
+    BH = min(32, max(16, triton.next_power_of_2(H)))
+    BW = min(64, max(16, triton.next_power_of_2(W)))
+    return (BH, BW) if H <= BH and W <= BW else (BH, min(BW, TILE_WIDTH))
 
 
 def _check_programs(programs_per_image) -> None:
@@ -341,6 +345,8 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory ranges of ``a`` and ``b`` intersect (conservative: interleaved
+    but disjoint views count as overlapping)."""
     if a.device != b.device or a.device.type == "meta":
         return False
     (a0, a1), (b0, b1) = _span(a), _span(b)
@@ -365,11 +371,11 @@ def _outputs(images, out_dtype, noise, out):
                 f"{images.device}, got {buf.dtype} {tuple(buf.shape)} on {buf.device}"
             )
         if _overlap(buf, images):
-            raise ValueError(f"{name}: expected a buffer that does not overlap the images")
+            raise ValueError(f"{name}: expected a buffer whose memory does not overlap the images")
     if noisy is not None and noisy.stride() != tau.stride():
         raise ValueError("out: expected both buffers to have the same strides")
     if noisy is not None and _overlap(noisy, tau):
-        raise ValueError("out: expected two buffers that do not overlap each other")
+        raise ValueError("out: expected two buffers whose memory does not overlap each other")
     return tau, noisy
 
 
