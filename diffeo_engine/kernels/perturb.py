@@ -72,6 +72,7 @@ MAX_INDEX = 2**31  # per-image offsets are int32
 MAX_SIDE = 2**24  # pixel coordinates are exact in float32
 MAX_GRID = 2**31 - 1  # programs along the grid's first axis
 MAX_RESIDENT_CHANNELS = 4
+MAX_RESIDENT_MODES = 16  # beyond, the (CP, CP) products spill next to the resident channels
 KERNEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 NOISE_NONE, NOISE_SIGMA, NOISE_MATCHED = 0, 1, 2
 RESIDENT_WARPS = 8  # a 32x32 image: 4 pixels per thread, x and z of every channel in registers
@@ -432,7 +433,8 @@ def launches(
         _coefficients_kernel, (B,), (coef, T, ids, std, seed),
         dict(CQ=CQ, num_warps=4 if CQ >= 16 else 1, enable_fp_fusion=False),
     )  # fmt: skip
-    if n_tiles == 1 and C <= MAX_RESIDENT_CHANNELS and programs_per_image in (None, 1):
+    resident = n_tiles == 1 and C <= MAX_RESIDENT_CHANNELS and CQ <= MAX_RESIDENT_MODES
+    if resident and programs_per_image in (None, 1):
         return [
             draw,
             Launch(
