@@ -41,26 +41,30 @@ def bilinear_offsets(px, py, H, W, sh, sw):
 
 
 @triton.jit
-def _gather(src, offsets, mask):
-    """``src[offsets]`` as float32, gathered as a flat (row-major) vector: on Triton 3.6 a
-    tile-shaped gather gets a column-major layout (a warp reads 32 rows of one column)."""
-    n: tl.constexpr = offsets.numel
-    flat = tl.load(src + tl.reshape(offsets, (n,)), mask=tl.reshape(mask, (n,)), other=0)
-    return tl.reshape(flat, offsets.shape).to(tl.float32)
+def gather(src, offsets, mask, FLAT: tl.constexpr):
+    """``src[offsets]`` as float32. ``FLAT``: gathered as a flat (row-major) vector, since
+    on Triton 3.6 a tile-shaped gather gets a column-major layout (a warp reads 32 rows of
+    one column); not with the 32- and 64-mode products, beside which it spills."""
+    if FLAT:
+        n: tl.constexpr = offsets.numel
+        flat = tl.load(src + tl.reshape(offsets, (n,)), mask=tl.reshape(mask, (n,)), other=0)
+        return tl.reshape(flat, offsets.shape).to(tl.float32)
+    else:
+        return tl.load(src + offsets, mask=mask, other=0).to(tl.float32)
 
 
 @triton.jit
-def bilinear(src, o00, o01, o10, o11, wx, wy, mask):
+def bilinear(src, o00, o01, o10, o11, wx, wy, mask, FLAT: tl.constexpr):
     """Bilinear value in float32: ``reference._warp_values``' weights (each rounded as
     there) and order of terms, the sum accumulated with fused multiply-adds. Each step
     rounds once instead of twice, so the value may differ from the reference's by a few
     float32 ulps (a uint8 output by one level next to a rounding boundary): the tolerance
     tests/test_kernels.py allows. A zero field still gives the input exactly (weights 1, 0,
     0, 0: ``fma(0, a, v) = v``)."""
-    a00 = _gather(src, o00, mask)
-    a01 = _gather(src, o01, mask)
-    a10 = _gather(src, o10, mask)
-    a11 = _gather(src, o11, mask)
+    a00 = gather(src, o00, mask, FLAT)
+    a01 = gather(src, o01, mask, FLAT)
+    a10 = gather(src, o10, mask, FLAT)
+    a11 = gather(src, o11, mask, FLAT)
     value = tl.fma((1 - wy) * wx, a01, (1 - wy) * (1 - wx) * a00)
     value = tl.fma(wy * (1 - wx), a10, value)
     return tl.fma(wy * wx, a11, value)
