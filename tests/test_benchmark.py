@@ -312,3 +312,24 @@ def test_clock_sampler_summarises_nvml_samples(monkeypatch):
     assert summary["mem_clock_MHz"]["median"] == 2619
     assert summary["power_W"]["max"] == 350.0 and summary["temperature_C"]["min"] == 61
     assert summary["memory_used_bytes_max"] == 123 << 20
+
+
+def test_bench_static_command_writes_json_and_table(tmp_path):
+    """``bench --static`` end to end in a non-interpreting child (it compiles for sm_90)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "static-x.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    cmd = [sys.executable, "-m", "diffeo_engine", "bench", "--static", "--targets", "90"]
+    cmd += ["--shapes", "2x1x8x8", "--dtypes", "uint8", "--cut", "3", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MODEL ESTIMATE" in done.stdout and "2x1x8x8-uint8->float32-cut3-matched" in done.stdout
+    doc = json.loads(out.read_text())
+    assert [r["case"] for r in doc["results"]] == [
+        "2x1x8x8-uint8->float32-cut3-matched",
+        "2x1x8x8-uint8->float32-cut3-deform",
+    ]
+    assert all(r["target"] == "sm_90" and r["max_registers"] > 0 for r in doc["results"])
+    assert "model estimate" in doc["label"] and out.with_suffix(".md").exists()

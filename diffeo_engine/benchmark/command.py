@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from diffeo_engine.benchmark.providers import (
+    DTYPES,
     ISSUE_CUTS,
     ISSUE_DTYPES,
     ISSUE_SHAPES,
@@ -48,7 +49,15 @@ def _run_static(args: argparse.Namespace) -> int:
     from diffeo_engine.benchmark import static
 
     cases = static.STATIC_CASES
-    if args.cut:
+    if args.shapes or args.dtypes:  # a matrix of its own: matched noise and deform each
+        cases = tuple(
+            static.StaticCase(tuple(shape), DTYPES[dtype][0], DTYPES[dtype][1], cut, noise)
+            for shape in args.shapes or ISSUE_SHAPES
+            for dtype in _split(args.dtypes) or ISSUE_DTYPES
+            for cut in args.cut or ISSUE_CUTS
+            for noise in ("matched", None)
+        )
+    elif args.cut:
         cases = tuple(c for c in cases if c.cut in args.cut)
     say = (lambda m: print(f"  {m}", file=sys.stderr, flush=True)) if args.verbose else None
     doc = static.static_report(cases, capabilities=tuple(args.targets), progress=say)
@@ -139,6 +148,7 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--targets", nargs="+", type=int, default=[90, 80], help="--static: compute capabilities"
     )
+    # --static with --shapes/--dtypes/--cut: that matrix instead of issue 11's cases
     p.add_argument("--verbose", "-v", action="store_true", help="print progress to stderr")
     p.set_defaults(run=_run_bench)
     return p
