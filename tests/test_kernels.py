@@ -166,7 +166,8 @@ def test_philox_draws_match_rng(seed):
 @pytest.mark.gpu
 def test_fast_noise_is_within_its_stated_tolerance_on_gpu():
     """Compiled kernels draw the noise with the special-function unit's log/cos/sin: the
-    same words, normals within 2e-5 of the accurate ones (the bound the docs state)."""
+    same words, normals within 1e-5 of the accurate ones (the bound the docs state), small
+    radii (u1 near 1) included."""
     ids = torch.arange(64, device=DEVICE) * 7919
     B, C, H, W, CP = 64, 3, 32, 32, 16
     std = torch.ones(CP, CP, device=DEVICE)
@@ -174,7 +175,7 @@ def test_fast_noise_is_within_its_stated_tolerance_on_gpu():
     noise = torch.full((B, C, H, W), float("nan"), device=DEVICE)
     _draws_kernel[(B,)](coef, noise, ids, std, 5, C, H, W, CP=CP, BH=32, BW=32, FAST=True)
     exact = rng.noise_normals(5, ids, (C, H, W))
-    assert (noise - exact).abs().max().item() <= 2e-5
+    assert (noise - exact).abs().max().item() <= 1e-5
 
 
 # ------------------------------------------------------------- agreement with reference

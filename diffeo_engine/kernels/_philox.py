@@ -6,9 +6,11 @@ reference draw bit-identical integers for the same ``(seed, id)`` (design.md sec
 ``FAST`` noise (compiled kernels; the interpreter has no hardware approximations) takes
 Box-Muller's ``log``, ``cos`` and ``sin`` from the special-function unit
 (``lg2.approx``, ``cos.approx``, ``sin.approx``) instead of the accurate libdevice
-routines: the same integers and formula, normals within a few 1e-6 of the accurate ones
-(the PTX ISA bounds the absolute error of each at about 2^-20 on these arguments), about a
-sixth of the instructions. The field's coefficients always use the accurate forms.
+routines: the same integers and formula, normals within 1e-5 of the accurate ones (the
+PTX ISA bounds the absolute errors of ``sin.approx``/``cos.approx`` at 2^-20.5 and of
+``lg2.approx`` at about 2^-22; near ``u1 = 1``, where the latter would dominate the small
+radius, a short series replaces it), about a sixth of the instructions. The field's
+coefficients always use the accurate forms.
 """
 
 from __future__ import annotations
@@ -33,10 +35,17 @@ def id_words(ids_ptr, b):
 
 @triton.jit
 def _fast_pair(u1, u2):
-    """``tl.pair_uniform_to_normal`` with the special-function unit's log, cos and sin."""
+    """``tl.pair_uniform_to_normal`` with the special-function unit's log, cos and sin.
+
+    ``lg2.approx`` has an absolute error near ``u1 = 1``, where the radius is small and the
+    error would dominate it: there (``1 - u1 < 2^-7``) ``ln u1`` comes from three terms of
+    ``log(1 - w)`` instead (relative error below 1e-7)."""
     u1 = tl.maximum(1.0e-7, u1)
+    w = 1.0 - u1  # exact for u1 >= 1/2
+    series = w * (2.0 + w * (1.0 + w * 0.6666666865348816))  # -2 log(1 - w)
+    lg2 = libdevice.fast_log2f(u1) * -1.3862943611198906  # -2 ln 2 log2(u1)
     th = 6.283185307179586 * u2
-    r = tl.sqrt(-2.0 * libdevice.fast_logf(u1))
+    r = tl.sqrt(tl.where(w < 0.0078125, series, lg2))
     return r * libdevice.fast_cosf(th), r * libdevice.fast_sinf(th)
 
 
