@@ -84,6 +84,19 @@ def coefficients_t(seed, stream, id_lo, id_hi, std_ptr, sqrt_T, CP: tl.constexpr
 
 
 @triton.jit
+def coefficients_both_t(seed, id_lo, id_hi, std_ptr, sqrt_T, CP: tl.constexpr):
+    """``coefficients_t`` of ``dx`` and ``dy`` at once, ``(2, CP, CP)``: one tensor, so
+    that no thread draws a normal another one draws too."""
+    s = tl.arange(0, 2)[:, None, None]
+    j = tl.arange(0, CP)[None, :, None]
+    i = tl.arange(0, CP)[None, None, :]
+    counter = (((i << 16) | j) + 0 * s).to(tl.uint32)
+    stream = (COEFF_STREAM_DX + s * (COEFF_STREAM_DY - COEFF_STREAM_DX)).to(tl.uint32)
+    n, _, _, _ = _normals4(seed, counter, stream, id_lo, id_hi)
+    return n * tl.load(std_ptr + i * CP + j) * sqrt_T
+
+
+@triton.jit
 def noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW: tl.constexpr, FAST: tl.constexpr = False):
     """The noise ``z[c, ys, x_start : x_start + BW]`` as a ``(BH, BW // 4, 4)`` tile:
     pixel ``x_start + 4 q + l`` at ``[:, q, l]`` (``ys`` is ``(BH, 1)`` or ``(BH, 1, 1)``).

@@ -8,9 +8,7 @@ import triton
 import triton.language as tl
 
 from diffeo_engine.kernels._philox import (
-    COEFF_STREAM_DX,
-    COEFF_STREAM_DY,
-    coefficients_t,
+    coefficients_both_t,
     id_words,
     noise_tile,
 )
@@ -156,10 +154,10 @@ def _coefficients_kernel(coef_ptr, T_ptr, ids_ptr, std_ptr, seed, CQ: tl.constex
     b = tl.program_id(0)
     id_lo, id_hi = id_words(ids_ptr, b)
     sqrt_T = tl.sqrt_rn(tl.load(T_ptr + b))
-    k = tl.arange(0, CQ)
-    at = coef_ptr + b.to(tl.int64) * (2 * CQ * CQ) + k[:, None] * CQ + k[None, :]
-    tl.store(at, coefficients_t(seed, COEFF_STREAM_DX, id_lo, id_hi, std_ptr, sqrt_T, CQ))
-    tl.store(at + CQ * CQ, coefficients_t(seed, COEFF_STREAM_DY, id_lo, id_hi, std_ptr, sqrt_T, CQ))
+    k = tl.arange(0, 2 * CQ * CQ)
+    tl.store(coef_ptr + b.to(tl.int64) * (2 * CQ * CQ) + k,
+             tl.reshape(coefficients_both_t(seed, id_lo, id_hi, std_ptr, sqrt_T, CQ),
+                        (2 * CQ * CQ,)))  # fmt: skip
 
 
 @triton.jit
