@@ -90,8 +90,9 @@ def coefficients_both_t(seed, id_lo, id_hi, std_ptr, sqrt_T, CP: tl.constexpr):
     s = tl.arange(0, 2)[:, None, None]
     j = tl.arange(0, CP)[None, :, None]
     i = tl.arange(0, CP)[None, None, :]
+    tl.static_assert(COEFF_STREAM_DY == COEFF_STREAM_DX + 1)
     counter = (((i << 16) | j) + 0 * s).to(tl.uint32)
-    stream = (COEFF_STREAM_DX + s * (COEFF_STREAM_DY - COEFF_STREAM_DX)).to(tl.uint32)
+    stream = (s + COEFF_STREAM_DX).to(tl.uint32)
     n, _, _, _ = _normals4(seed, counter, stream, id_lo, id_hi)
     return n * tl.load(std_ptr + i * CP + j) * sqrt_T
 
