@@ -181,15 +181,15 @@ def test_static_report_parses_real_sass(compiled):
 
 def test_issue_11_targets_for_3x32x32_matched_cut3(compiled):
     """3x32x32 float32, B = 4096, matched noise, cut 3 on sm_90: at most 128 registers, no
-    spills, at most 90 dynamic instructions per output channel-pixel (89.5 with Triton 3.9).
-    Triton 3.6 compiles the same source to about 93: a known miss of 3 (bench/NOTES.md),
-    held here so that it cannot grow."""
+    spills, at most 90 dynamic instructions per output channel-pixel (88.3 with Triton 3.9).
+    Triton 3.6 compiles the same source to 91.4: a known miss (bench/NOTES.md), held here
+    so that it cannot grow."""
     record = compiled["report"]["results"][1]
     assert record["case"] == TARGET_CASE.name
     assert record["spill_bytes"] == 0
     assert record["max_registers"] <= 128, record["max_registers"]
     version = tuple(int(p) for p in triton.__version__.split(".")[:2])
-    bound = 90 if version >= (3, 9) else 94
+    bound = 90 if version >= (3, 9) else 92
     assert record["dynamic_instructions_per_channel_pixel"] <= bound
 
 
