@@ -13,6 +13,7 @@ import torch
 
 from diffeo_engine import benchmark as bm
 from diffeo_engine import reference
+from diffeo_engine.benchmark import device as bm_device
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [(3, 2, 6, 7)]
@@ -121,7 +122,7 @@ def test_telemetry_says_what_is_missing(monkeypatch):
         pass
     assert sampler.summary() == {"available": False, "reason": "not a CUDA device"}
     monkeypatch.setitem(sys.modules, "pynvml", None)
-    nvml, why = bm._nvml()
+    nvml, why = bm_device._nvml()
     assert nvml is None and "nvidia-ml-py is not installed" in why
 
 
@@ -130,6 +131,7 @@ def test_time_callable_on_cpu():
     timing = bm.time_callable(lambda: calls.append(1), "cpu", warmup_s=0.001, reps=5)
     assert timing["timer"] == "perf_counter" and timing["reps"] >= 3
     assert timing["p20_s"] <= timing["median_s"] <= timing["p80_s"]
+    assert timing["min_s"] <= timing["p20_s"] and timing["p80_s"] <= timing["max_s"]
     assert len(calls) >= timing["warmup_calls"] + timing["reps"] * timing["inner"]
     smoke = bm.time_callable(lambda: None, "cpu", smoke=True)
     assert smoke["reps"] == 1 and smoke["inner"] == 1
@@ -144,7 +146,7 @@ def _check_schema(doc, providers):
     for r in doc["results"]:
         for key in ("provider", "shape", "dtype", "cut", "pairs_per_s", "effective_GBps"):
             assert key in r
-        assert r["pairs_per_s"] > 0
+        assert 0 < r["pairs_per_s_min"] <= r["pairs_per_s"] <= r["pairs_per_s_max"]
         bytes_model = bm.pair_bytes if r["kind"] == "pair" else bm.deform_bytes
         assert r["bytes_per_pair"] == bytes_model(r["shape"], r["in_dtype"], r["out_dtype"])
         assert r["effective_GBps"] == pytest.approx(r["pairs_per_s"] * r["bytes_per_pair"] / 1e9)
@@ -173,6 +175,9 @@ def test_run_benchmarks_json_schema(monkeypatch):
         assert reasons and all("kornia is not installed" in r for r in reasons)
     table = bm.format_table(doc)
     assert "grid_sample" in table and "copy bandwidth" in table
+    grid = by[("grid_sample", "float32")]
+    spread = f"{grid['pairs_per_s_min']:.3g}-{grid['pairs_per_s_max']:.3g}"
+    assert "min-max" in table and spread in table
 
 
 def test_merge_results():
@@ -296,8 +301,8 @@ class _FakeNVML:
 
 
 def test_clock_sampler_summarises_nvml_samples(monkeypatch):
-    monkeypatch.setattr(bm, "_nvml", lambda: (_FakeNVML, None))
-    monkeypatch.setattr(bm, "_nvml_handle", lambda nvml, device: "handle")
+    monkeypatch.setattr(bm_device, "_nvml", lambda: (_FakeNVML, None))
+    monkeypatch.setattr(bm_device, "_nvml_handle", lambda nvml, device: "handle")
     sampler = bm.ClockSampler("cuda", interval_s=0.001)
     with sampler:
         bm.time.sleep(0.02)
@@ -307,3 +312,24 @@ def test_clock_sampler_summarises_nvml_samples(monkeypatch):
     assert summary["mem_clock_MHz"]["median"] == 2619
     assert summary["power_W"]["max"] == 350.0 and summary["temperature_C"]["min"] == 61
     assert summary["memory_used_bytes_max"] == 123 << 20
+
+
+def test_bench_static_command_writes_json_and_table(tmp_path):
+    """``bench --static`` end to end in a non-interpreting child (it compiles for sm_90)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "static-x.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    cmd = [sys.executable, "-m", "diffeo_engine", "bench", "--static", "--targets", "90"]
+    cmd += ["--shapes", "2x1x8x8", "--dtypes", "uint8", "--cut", "3", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MODEL ESTIMATE" in done.stdout and "2x1x8x8-uint8->float32-cut3-matched" in done.stdout
+    doc = json.loads(out.read_text())
+    assert [r["case"] for r in doc["results"]] == [
+        "2x1x8x8-uint8->float32-cut3-matched",
+        "2x1x8x8-uint8->float32-cut3-deform",
+    ]
+    assert all(r["target"] == "sm_90" and r["max_registers"] > 0 for r in doc["results"])
+    assert "model estimate" in doc["label"] and out.with_suffix(".md").exists()

@@ -135,16 +135,17 @@ def check_case(shape, dtype, layout, cut, interp, noise, *, out_dtype=None, T=No
 
 @triton.jit
 def _draws_kernel(coef_ptr, noise_ptr, ids_ptr, std_ptr, seed, C, H, W,
-                  CP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):  # fmt: skip
+                  CP: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+                  FAST: tl.constexpr = False):  # fmt: skip
     b = tl.program_id(0)
     id_lo, id_hi = _philox.id_words(ids_ptr, b)
     k = tl.arange(0, CP)
     ct = _philox.coefficients_t(seed, _philox.COEFF_STREAM_DY, id_lo, id_hi, std_ptr, 1.0, CP)
     tl.store(coef_ptr + b * CP * CP + k[:, None] * CP + k[None, :], ct)
-    ys = tl.arange(0, BH)[:, None]
-    xs = tl.arange(0, BW)[None, :]
+    ys = tl.arange(0, BH)[:, None, None]
+    xs = 4 * tl.arange(0, BW // 4)[None, :, None] + tl.arange(0, 4)[None, None, :]
     for c in range(C):
-        z = _philox.noise_tile(seed, id_lo, id_hi, c, H, ys, 0, BW)
+        z = _philox.noise_tile(seed, id_lo, id_hi, c, H, ys, 0, BW, FAST)
         tl.store(noise_ptr + ((b * C + c) * H + ys) * W + xs, z, mask=(ys < H) & (xs < W))
 
 
@@ -160,6 +161,21 @@ def test_philox_draws_match_rng(seed):
     normals = rng.coefficient_normals(seed, ids, CP)[:, rng.COEFF_STREAM_DY]
     torch.testing.assert_close(coef.transpose(1, 2), normals, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(noise, rng.noise_normals(seed, ids, (C, H, W)), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.gpu
+def test_fast_noise_is_within_its_stated_tolerance_on_gpu():
+    """Compiled kernels draw the noise with the special-function unit's log/cos/sin: the
+    same words, normals within 1e-5 of the accurate ones (the bound the docs state), small
+    radii (u1 near 1) included."""
+    ids = torch.arange(64, device=DEVICE) * 7919
+    B, C, H, W, CP = 64, 3, 32, 32, 16
+    std = torch.ones(CP, CP, device=DEVICE)
+    coef = torch.empty((B, CP, CP), device=DEVICE)
+    noise = torch.full((B, C, H, W), float("nan"), device=DEVICE)
+    _draws_kernel[(B,)](coef, noise, ids, std, 5, C, H, W, CP=CP, BH=32, BW=32, FAST=True)
+    exact = rng.noise_normals(5, ids, (C, H, W))
+    assert (noise - exact).abs().max().item() <= 1e-5
 
 
 # ------------------------------------------------------------- agreement with reference
@@ -206,6 +222,36 @@ def test_noise_lanes_do_not_depend_on_tiling():
     many = run_kernels(images, T, ids, 4, noise=0.2, G=3)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 32, 32), (3, 2, 40, 70)])
+def test_an_image_does_not_depend_on_its_batch(shape):
+    """Matched noise, whole-image and tiled: each image of a batch equals, bit for bit, the
+    same image perturbed alone (the norms are summed in a fixed order whatever B is)."""
+    images = make_images(shape, torch.float32)
+    T = torch.tensor([0.01, 0.02, 0.005], device=DEVICE)
+    ids = torch.tensor([3, 1 << 35, 77], device=DEVICE)
+    tau, noisy = run_kernels(images, T, ids, 5)
+    for b in range(shape[0]):
+        one = run_kernels(images[b : b + 1].clone(), T[b : b + 1], ids[b : b + 1], 5)
+        assert torch.equal(one[0][0], tau[b]) and torch.equal(one[1][0], noisy[b])
+
+
+def test_out_buffers_overlapping_the_input_are_refused():
+    images = make_images((2, 3, 8, 8), torch.float32)
+    T, ids = torch.full((2,), 0.01, device=DEVICE), torch.arange(2, device=DEVICE)
+    kw = dict(cut=3, seed=SEED, noise="matched", interp="bilinear", out_dtype=torch.float32)
+    other = torch.empty_like(images)
+    with pytest.raises(ValueError, match=r"out\[0\].*overlap the images"):
+        kernels.perturb(images, T, ids, out=(images, other), **kw)
+    with pytest.raises(ValueError, match=r"out\[1\].*overlap the images"):
+        kernels.perturb(images, T, ids, out=(other, images[:, :, :, :].view_as(images)), **kw)
+    wide = torch.empty((2, 3, 8, 16), device=DEVICE)
+    with pytest.raises(ValueError, match="overlap each other"):
+        kernels.perturb(images, T, ids, out=(wide[..., :8], wide[..., 1:9]), **kw)
+    pair = torch.empty((2, 2, 3, 8, 8), device=DEVICE)  # one allocation, disjoint halves
+    tau, noisy = kernels.perturb(images, T, ids, out=(pair[0], pair[1]), **kw)
+    assert torch.isfinite(tau).all() and torch.isfinite(noisy).all()
 
 
 @pytest.mark.slow

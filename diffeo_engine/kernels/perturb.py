@@ -1,254 +1,65 @@
-"""The fused perturbation: coefficients, field, warp and noise of each image in one launch.
+"""The fused perturbation: coefficients, field, warp and noise of each image on chip.
 
-``_warp_kernel`` runs on a grid ``(B, G)``: program ``(b, g)`` draws image ``b``'s
-coefficients from Philox, then for the tiles ``g, g + G, ...`` synthesises the field,
-warps every channel and writes ``tau x`` (and ``x + sigma z`` for fixed-sigma noise).
-Matched noise needs ``||tau x - x||`` and ``||z||`` over the whole image first: with
-``G = 1`` the same program adds the noise in a second pass over its tiles (``FUSED``);
-with ``G > 1`` each program writes its two partial squared norms and
-``_matched_noise_kernel`` sums them in a fixed order and adds the noise. ``z`` is
-regenerated from its Philox counters, never stored.
+A coefficient launch, then one of two shapes of launch, both deterministic (an image
+depends on ``(seed, id)`` only, never on the batch or the GPU):
+
+* ``_coefficients_kernel`` (grid ``(B,)``) first draws each image's coefficients once.
+* ``_resident_kernel``, grid ``(B,)``, when the image is one tile (``H <= 32``,
+  ``W <= 64``) of at most ``MAX_RESIDENT_CHANNELS`` channels and ``cut <= 16``: the
+  program synthesises the field, warps every channel and keeps ``x`` and ``z`` of every
+  channel in registers, so matched noise reads ``x`` once, draws ``z`` once and writes
+  each output once.
+* otherwise ``_warp_kernel`` runs ``G`` programs per image (``G`` = the number of tiles:
+  a function of the image size only) on a 1-D grid, the programs of one image adjacent.
+  For matched noise each program writes its partial squared norms and counts itself done
+  on a per-image counter; the image's last program sums the ``G`` partials in float64 in
+  program order and writes ``x + z ||tau x - x|| / ||z||`` over all the image's tiles,
+  re-reading ``x`` right after its sibling programs read it (from L2) and regenerating
+  ``z`` from its Philox counters. One launch for the pass, never a stored ``z``.
+
+Floating-point contraction is off (``enable_fp_fusion=False``): the bilinear weights and
+the uint8 rounding are computed in the reference's order, each product rounded; the
+bilinear sum, the field sums and ``x + z * scale`` use explicit FMAs (within the
+tolerances tests/test_kernels.py checks). The cost of every launch on sm_90 is reported
+offline by ``diffeo-engine bench --static`` (:mod:`diffeo_engine.benchmark.static`).
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
+
 import torch
 import triton
-import triton.language as tl
 from torch.library import wrap_triton
 
-from diffeo_engine.kernels._philox import (
-    COEFF_STREAM_DX,
-    COEFF_STREAM_DY,
-    coefficients_t,
-    id_words,
-    noise_tile,
-)
-from diffeo_engine.kernels.field import field_tile, padded_modes, tables
-from diffeo_engine.kernels.warp import (
-    bilinear,
-    bilinear_offsets,
-    nearest_offsets,
-    source_points,
-    store_values,
-)
+from diffeo_engine.kernels.field import drawn_modes, padded_modes, tables
+from diffeo_engine.kernels.fused import _coefficients_kernel, _resident_kernel, _warp_kernel
 from diffeo_engine.physics import check_cut
 from diffeo_engine.reference import memory_format_of
 
-__all__ = ["KERNEL_DTYPES", "MAX_CUT", "MAX_INDEX", "MAX_SIDE", "check_launchable", "perturb"]
+__all__ = [
+    "KERNEL_DTYPES",
+    "MAX_CUT",
+    "MAX_INDEX",
+    "MAX_SIDE",
+    "Launch",
+    "check_launchable",
+    "launches",
+    "perturb",
+]
 
 MAX_CUT = 64  # coefficient matrices are (CP, CP) per program, CP = next power of two
 MAX_INDEX = 2**31  # per-image offsets are int32
 MAX_SIDE = 2**24  # pixel coordinates are exact in float32
+MAX_GRID = 2**31 - 1  # programs along the grid's first axis
+MAX_RESIDENT_CHANNELS = 4
+MAX_RESIDENT_MODES = 16  # beyond, the (CP, CP) products spill next to the resident channels
 KERNEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 NOISE_NONE, NOISE_SIGMA, NOISE_MATCHED = 0, 1, 2
-
-
-@triton.jit
-def _tile(t, n_tiles_x, H, W, BH: tl.constexpr, BW: tl.constexpr):
-    """Rows ``(BH, 1)``, columns ``(1, BW)``, first column and in-image mask of tile ``t``."""
-    x_start = (t % n_tiles_x) * BW
-    ys = (t // n_tiles_x) * BH + tl.arange(0, BH)[:, None]
-    xs = x_start + tl.arange(0, BW)[None, :]
-    return ys, xs, x_start, (ys < H) & (xs < W)
-
-
-@triton.jit
-def _add_noise(
-    x_img,
-    noisy_img,
-    seed,
-    id_lo,
-    id_hi,
-    scale,
-    t_first,
-    t_step,
-    n_tiles,
-    n_tiles_x,
-    C,
-    H,
-    W,
-    sxc,
-    sxh,
-    sxw,
-    soc,
-    soh,
-    sow,
-    BH: tl.constexpr,
-    BW: tl.constexpr,
-):
-    """Write ``x + scale * z`` on the tiles ``t_first, t_first + t_step, ...``."""
-    for t in range(t_first, n_tiles, t_step):
-        ys, xs, x_start, mask = _tile(t, n_tiles_x, H, W, BH, BW)
-        for c in range(C):
-            clean = tl.load(x_img + c * sxc + ys * sxh + xs * sxw, mask=mask, other=0)
-            z = noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW)
-            store_values(
-                noisy_img + c * soc + ys * soh + xs * sow, clean.to(tl.float32) + z * scale, mask
-            )
-
-
-@triton.jit
-def _warp_kernel(
-    x_ptr,
-    tau_ptr,
-    noisy_ptr,
-    part_ptr,
-    T_ptr,
-    ids_ptr,
-    sx_ptr,
-    sy_ptr,
-    std_ptr,
-    seed,
-    sigma,
-    C,
-    H,
-    W,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    sob,
-    soc,
-    soh,
-    sow,
-    n_tiles_x,
-    n_tiles,
-    CP: tl.constexpr,
-    BH: tl.constexpr,
-    BW: tl.constexpr,
-    NEAREST: tl.constexpr,
-    NOISE: tl.constexpr,
-    FUSED: tl.constexpr,
-):
-    """Field, warp and noise of image ``program_id(0)`` on its tile group ``program_id(1)``."""
-    b = tl.program_id(0)
-    g = tl.program_id(1)
-    G = tl.num_programs(1)
-    id_lo, id_hi = id_words(ids_ptr, b)
-    sqrt_T = tl.sqrt_rn(tl.load(T_ptr + b))
-    ct_u = coefficients_t(seed, COEFF_STREAM_DX, id_lo, id_hi, std_ptr, sqrt_T, CP)
-    ct_v = coefficients_t(seed, COEFF_STREAM_DY, id_lo, id_hi, std_ptr, sqrt_T, CP)
-    x_img = x_ptr + b.to(tl.int64) * sxb
-    tau_img = tau_ptr + b.to(tl.int64) * sob
-    noisy_img = noisy_ptr + b.to(tl.int64) * sob
-    d2 = 0.0
-    z2 = 0.0
-    for t in range(g, n_tiles, G):
-        ys, xs, x_start, mask = _tile(t, n_tiles_x, H, W, BH, BW)
-        dx, dy = field_tile(ct_u, ct_v, sx_ptr, sy_ptr, ys, xs, H, W, CP)
-        px, py = source_points(dx, dy, ys, xs, H, W)
-        if NEAREST:
-            o = nearest_offsets(px, py, sxh, sxw)
-        else:
-            o00, o01, o10, o11, wx, wy = bilinear_offsets(px, py, H, W, sxh, sxw)
-        out = ys * soh + xs * sow
-        for c in range(C):
-            src = x_img + c * sxc
-            if NEAREST:
-                value = tl.load(src + o, mask=mask, other=0).to(tl.float32)
-            else:
-                value = bilinear(src, o00, o01, o10, o11, wx, wy, mask)
-            store_values(tau_img + c * soc + out, value, mask)
-            if NOISE != 0:
-                clean = tl.load(src + ys * sxh + xs * sxw, mask=mask, other=0).to(tl.float32)
-                z = noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW)
-                if NOISE == 1:
-                    store_values(noisy_img + c * soc + out, clean + z * sigma, mask)
-                else:
-                    change = tl.where(mask, value - clean, 0.0)
-                    z = tl.where(mask, z, 0.0)
-                    d2 += tl.sum(change * change)
-                    z2 += tl.sum(z * z)
-    if NOISE == 2:
-        if FUSED:
-            scale = tl.div_rn(tl.sqrt_rn(d2), tl.sqrt_rn(z2))
-            _add_noise(
-                x_img,
-                noisy_img,
-                seed,
-                id_lo,
-                id_hi,
-                scale,
-                g,
-                G,
-                n_tiles,
-                n_tiles_x,
-                C,
-                H,
-                W,
-                sxc,
-                sxh,
-                sxw,
-                soc,
-                soh,
-                sow,
-                BH,
-                BW,
-            )
-        else:
-            part = part_ptr + (b.to(tl.int64) * G + g) * 2
-            tl.store(part, d2)
-            tl.store(part + 1, z2)
-
-
-@triton.jit
-def _matched_noise_kernel(
-    x_ptr,
-    noisy_ptr,
-    part_ptr,
-    ids_ptr,
-    seed,
-    C,
-    H,
-    W,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    sob,
-    soc,
-    soh,
-    sow,
-    n_tiles_x,
-    n_tiles,
-    GP: tl.constexpr,
-    BH: tl.constexpr,
-    BW: tl.constexpr,
-):
-    """Second pass of split matched noise: ``x + z ||tau x - x|| / ||z||`` per tile group."""
-    b = tl.program_id(0)
-    g = tl.program_id(1)
-    G = tl.num_programs(1)
-    groups = tl.arange(0, GP)
-    part = part_ptr + (b.to(tl.int64) * G + groups) * 2
-    d2 = tl.sum(tl.load(part, mask=groups < G, other=0.0))
-    z2 = tl.sum(tl.load(part + 1, mask=groups < G, other=0.0))
-    scale = tl.div_rn(tl.sqrt_rn(d2), tl.sqrt_rn(z2))
-    id_lo, id_hi = id_words(ids_ptr, b)
-    _add_noise(
-        x_ptr + b.to(tl.int64) * sxb,
-        noisy_ptr + b.to(tl.int64) * sob,
-        seed,
-        id_lo,
-        id_hi,
-        scale,
-        g,
-        G,
-        n_tiles,
-        n_tiles_x,
-        C,
-        H,
-        W,
-        sxc,
-        sxh,
-        sxw,
-        soc,
-        soh,
-        sow,
-        BH,
-        BW,
-    )
+RESIDENT_WARPS = 8  # a 32x32 image: 4 pixels per thread, x and z of every channel in registers
+TILE_WARPS = 8  # a 32x32 tile: 4 pixels per thread (a 32x64 one at 4 warps spilled)
+TILE_WIDTH = 32
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -276,19 +87,25 @@ def check_launchable(images: torch.Tensor, cut: int) -> None:
         )
     if max(H, W) > MAX_SIDE:
         raise ValueError(f"images: the triton backend needs H, W <= 2**24, got H={H}, W={W}")
+    if min(H, W) < 2:
+        raise ValueError(f"images: the triton backend needs H, W >= 2, got H={H}, W={W}")
 
 
 def _tile_shape(H: int, W: int) -> tuple[int, int]:
-    """``(BH, BW)``: powers of two in ``[16, 32]`` rows by ``[16, 64]`` columns."""
-    return min(32, max(16, triton.next_power_of_2(H))), min(64, max(16, triton.next_power_of_2(W)))
+    """``(BH, BW)``: powers of two in ``[16, 32]`` rows by ``[16, 64]`` columns; an image
+    larger than one such tile is cut in 32 x 32 tiles (fewer registers per thread)."""
+    BH = min(32, max(16, triton.next_power_of_2(H)))
+    BW = min(64, max(16, triton.next_power_of_2(W)))
+    return (BH, BW) if H <= BH and W <= BW else (BH, min(BW, TILE_WIDTH))
 
 
-def _programs_per_image(n_images: int, n_tiles: int, device: torch.device) -> int:
-    """Tile groups per image: enough programs to fill the GPU (one per image elsewhere)."""
-    if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_tiles, -(-4 * sms // max(n_images, 1))))
+def _check_programs(programs_per_image) -> None:
+    if programs_per_image is None:
+        return
+    if isinstance(programs_per_image, bool) or not isinstance(programs_per_image, int):
+        raise TypeError(f"programs_per_image: expected an integer >= 1, got {programs_per_image!r}")
+    if programs_per_image < 1:
+        raise ValueError(f"programs_per_image: expected an integer >= 1, got {programs_per_image}")
 
 
 def _shared_tables(images: torch.Tensor, cut: int) -> tuple[torch.Tensor, ...]:
@@ -297,6 +114,25 @@ def _shared_tables(images: torch.Tensor, cut: int) -> tuple[torch.Tensor, ...]:
     if torch.compiler.is_compiling() or type(images) is not torch.Tensor:
         return tables.__wrapped__(H, W, cut, images.device)
     return tables(H, W, cut, images.device)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """Bytes ``[start, end)`` a tensor's elements occupy in its storage."""
+    if t.numel() == 0:
+        return 0, 0
+    lo = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0)
+    hi = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
+    start = t.data_ptr() + lo * t.element_size()
+    return start, t.data_ptr() + (hi + 1) * t.element_size()
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory ranges of ``a`` and ``b`` intersect (conservative: interleaved
+    but disjoint views count as overlapping)."""
+    if a.device != b.device or a.device.type == "meta":
+        return False
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _outputs(images, out_dtype, noise, out):
@@ -316,9 +152,110 @@ def _outputs(images, out_dtype, noise, out):
                 f"{name}: expected a {out_dtype} tensor of shape {tuple(images.shape)} on "
                 f"{images.device}, got {buf.dtype} {tuple(buf.shape)} on {buf.device}"
             )
+        if _overlap(buf, images):
+            raise ValueError(f"{name}: expected a buffer whose memory does not overlap the images")
     if noisy is not None and noisy.stride() != tau.stride():
         raise ValueError("out: expected both buffers to have the same strides")
+    if noisy is not None and _overlap(noisy, tau):
+        raise ValueError("out: expected two buffers whose memory does not overlap each other")
     return tau, noisy
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch exactly as :func:`perturb` makes it: ``kernel[grid](*args, **kwargs)``.
+
+    ``loops`` describes the kernel's run-time loops in code order, ``(trips, inner loops)``
+    with ``trips`` averaged over the grid's programs: the static cost report
+    (:mod:`diffeo_engine.benchmark.static`) multiplies SASS counts by them.
+    """
+
+    kernel: object
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict
+    loops: tuple = field(default=())
+
+
+def launches(
+    images: torch.Tensor,
+    T: torch.Tensor,
+    ids: torch.Tensor,
+    tau: torch.Tensor,
+    noisy: torch.Tensor | None,
+    *,
+    cut: int,
+    seed: int,
+    noise: str | float | None,
+    interp: str,
+    programs_per_image: int | None = None,
+) -> list[Launch]:
+    """The launches that compute ``tau`` (and ``noisy``) from ``images``: the one place the
+    grid, arguments and constexprs are decided. Works on ``meta`` tensors (no memory).
+
+    Nothing here depends on the device: ``G`` (programs per image) is the image's tile
+    count unless ``programs_per_image`` forces it, so the matched-noise norms are summed in
+    the same order on every GPU and at every batch size.
+    """
+    _check_programs(programs_per_image)
+    B, C, H, W = images.shape
+    BH, BW = _tile_shape(H, W)
+    CP, CQ = padded_modes(cut), drawn_modes(cut)
+    n_tiles_x = triton.cdiv(W, BW)
+    n_tiles = n_tiles_x * triton.cdiv(H, BH)
+    mode = NOISE_NONE if noise is None else NOISE_MATCHED if noise == "matched" else NOISE_SIGMA
+    sigma = float(noise) if mode == NOISE_SIGMA else 0.0
+    sx, sy, std = _shared_tables(images, cut)
+    noisy_arg = tau if noisy is None else noisy
+    options = dict(num_warps=RESIDENT_WARPS, enable_fp_fusion=False)
+    fast = os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter has no approximations
+    coef = torch.empty((B, 2, CQ, CQ), dtype=torch.float32, device=images.device)
+    draw = Launch(
+        _coefficients_kernel, (B,), (coef, T, ids, std, seed),
+        dict(CQ=CQ, num_warps=4 if CQ >= 16 else 1, enable_fp_fusion=False),
+    )  # fmt: skip
+    resident = n_tiles == 1 and C <= MAX_RESIDENT_CHANNELS and CQ <= MAX_RESIDENT_MODES
+    if resident and programs_per_image in (None, 1):
+        return [
+            draw,
+            Launch(
+                _resident_kernel,
+                (B,),
+                (images, tau, noisy_arg, coef, ids, sx, sy, seed, sigma, H, W,
+                 *images.stride(), *tau.stride()),
+                dict(NC=C, CUT=cut, CQ=CQ, CP=CP, BH=BH, BW=BW, NEAREST=interp == "nearest",
+                     NOISE=mode, FAST=fast, EVEN=H == BH and W == BW, **options),
+                (),
+            ),
+        ]  # fmt: skip
+    G = min(programs_per_image or n_tiles, n_tiles)
+    if B * G > MAX_GRID:
+        raise ValueError(
+            f"images: the triton backend runs at most {MAX_GRID} programs, got {B} images "
+            f"of {G} tiles each; split the batch"
+        )
+    matched = mode == NOISE_MATCHED
+    part = torch.empty((B, G, 2), dtype=torch.float32, device=images.device) if matched else tau
+    count = torch.zeros(B, dtype=torch.int32, device=images.device) if matched else ids
+    tiles = n_tiles / G
+    channels = ((C, ()),)
+    loops: tuple = ((tiles, channels),)
+    if matched:  # the last program of each image: 1 / G of the programs, every tile
+        loops += ((n_tiles / G, channels),)
+    return [
+        draw,
+        Launch(
+            _warp_kernel,
+            (B * G,),
+            (images, tau, noisy_arg, part, count, coef, ids, sx, sy, seed, sigma, C, H, W,
+             *images.stride(), *tau.stride(), n_tiles_x, n_tiles, G),
+            dict(CUT=cut, CQ=CQ, CP=CP, GP=triton.next_power_of_2(G), BH=BH, BW=BW,
+                 NEAREST=interp == "nearest", NOISE=mode, FAST=fast,
+                 EVEN=H % BH == 0 and W % BW == 0,
+                 **{**options, "num_warps": TILE_WARPS}),
+            loops,
+        ),
+    ]  # fmt: skip
 
 
 def perturb(
@@ -338,33 +275,18 @@ def perturb(
 
     Arguments are already validated (``T`` float32 and ``ids`` int64, shape ``(B,)``, on
     the images' device); ``noise`` is ``None``, ``"matched"`` or a sigma. ``out`` gives
-    preallocated buffers, ``programs_per_image`` forces the tile-group count ``G``.
+    preallocated buffers (refused if they overlap the images or each other);
+    ``programs_per_image`` forces the tile-group count ``G`` (matched-noise norms are then
+    summed in another order: equal to float32 rounding, not bit for bit).
     """
     check_launchable(images, cut)
     tau, noisy = _outputs(images, out_dtype, noise, out)
-    B, C, H, W = images.shape
     if images.numel() == 0:
         return tau, noisy
-    BH, BW = _tile_shape(H, W)
-    n_tiles_x = triton.cdiv(W, BW)
-    n_tiles = n_tiles_x * triton.cdiv(H, BH)
-    G = programs_per_image or _programs_per_image(B, n_tiles, images.device)
-    G = max(1, min(G, n_tiles))
-    mode = NOISE_NONE if noise is None else NOISE_MATCHED if noise == "matched" else NOISE_SIGMA
-    split = mode == NOISE_MATCHED and G > 1
-    part = torch.empty((B, G, 2), dtype=torch.float32, device=images.device) if split else tau
-    sx, sy, std = _shared_tables(images, cut)
-    T, ids = T.contiguous(), ids.contiguous()
-    noisy_arg = tau if noisy is None else noisy
-    wrap_triton(_warp_kernel)[(B, G)](
-        images, tau, noisy_arg, part, T, ids, sx, sy, std, seed,
-        float(noise) if mode == NOISE_SIGMA else 0.0, C, H, W, *images.stride(),
-        *tau.stride(), n_tiles_x, n_tiles, CP=padded_modes(cut), BH=BH, BW=BW,
-        NEAREST=interp == "nearest", NOISE=mode, FUSED=not split, num_warps=4,
+    plan = launches(
+        images, T.contiguous(), ids.contiguous(), tau, noisy, cut=cut, seed=seed, noise=noise,
+        interp=interp, programs_per_image=programs_per_image,
     )  # fmt: skip
-    if split:
-        wrap_triton(_matched_noise_kernel)[(B, G)](
-            images, noisy, part, ids, seed, C, H, W, *images.stride(), *tau.stride(),
-            n_tiles_x, n_tiles, GP=triton.next_power_of_2(G), BH=BH, BW=BW, num_warps=4,
-        )  # fmt: skip
+    for launch in plan:
+        wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.kwargs)
     return tau, noisy

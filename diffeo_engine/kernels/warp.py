@@ -1,8 +1,9 @@
 """Sampling and storing one tile: the reference's clamp, bilinear / nearest and rounding.
 
 Offsets and weights are computed once per tile and reused for every channel. All
-arithmetic is float32 whatever the image dtype, in the reference's formula order, so a
-zero field reproduces the input bit for bit.
+arithmetic is float32 whatever the image dtype, in the reference's formula order (the
+bilinear sum with explicit fused multiply-adds; the kernels otherwise compile with
+contraction off), so a zero field reproduces the input bit for bit.
 """
 
 from __future__ import annotations
@@ -40,13 +41,33 @@ def bilinear_offsets(px, py, H, W, sh, sw):
 
 
 @triton.jit
-def bilinear(src, o00, o01, o10, o11, wx, wy, mask):
-    """Bilinear value in float32, in ``reference._warp_values``' order of operations."""
-    a00 = tl.load(src + o00, mask=mask, other=0).to(tl.float32)
-    a01 = tl.load(src + o01, mask=mask, other=0).to(tl.float32)
-    a10 = tl.load(src + o10, mask=mask, other=0).to(tl.float32)
-    a11 = tl.load(src + o11, mask=mask, other=0).to(tl.float32)
-    return (1 - wy) * (1 - wx) * a00 + (1 - wy) * wx * a01 + wy * (1 - wx) * a10 + wy * wx * a11
+def gather(src, offsets, mask, FLAT: tl.constexpr):
+    """``src[offsets]`` as float32. ``FLAT``: gathered as a flat (row-major) vector, since
+    on Triton 3.6 a tile-shaped gather gets a column-major layout (a warp reads 32 rows of
+    one column); not with the 32- and 64-mode products, beside which it spills."""
+    if FLAT:
+        n: tl.constexpr = offsets.numel
+        flat = tl.load(src + tl.reshape(offsets, (n,)), mask=tl.reshape(mask, (n,)), other=0)
+        return tl.reshape(flat, offsets.shape).to(tl.float32)
+    else:
+        return tl.load(src + offsets, mask=mask, other=0).to(tl.float32)
+
+
+@triton.jit
+def bilinear(src, o00, o01, o10, o11, wx, wy, mask, FLAT: tl.constexpr):
+    """Bilinear value in float32: ``reference._warp_values``' weights (each rounded as
+    there) and order of terms, the sum accumulated with fused multiply-adds. Each step
+    rounds once instead of twice, so the value may differ from the reference's by a few
+    float32 ulps (a uint8 output by one level next to a rounding boundary): the tolerance
+    tests/test_kernels.py allows. A zero field still gives the input exactly (weights 1, 0,
+    0, 0: ``fma(0, a, v) = v``)."""
+    a00 = gather(src, o00, mask, FLAT)
+    a01 = gather(src, o01, mask, FLAT)
+    a10 = gather(src, o10, mask, FLAT)
+    a11 = gather(src, o11, mask, FLAT)
+    value = tl.fma((1 - wy) * wx, a01, (1 - wy) * (1 - wx) * a00)
+    value = tl.fma(wy * (1 - wx), a10, value)
+    return tl.fma(wy * wx, a11, value)
 
 
 @triton.jit
