@@ -84,10 +84,7 @@ def displacement_field(coeffs: torch.Tensor, H: int, W: int) -> torch.Tensor:
 
 def _field(coeffs: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
     """``S_y C^T S_x^T`` per image and component, scaled to pixels (W for dx, H for dy)."""
-    # Broadcast products summed over one mode index at a time (not einsum's BLAS): a fixed
-    # order per pixel whatever the batch, and one fused loop when compiled.
-    rows = (coeffs[..., None] * sx.T[:, None, :]).sum(2)  # (B, 2, j, x): summed over i
-    fields = (rows[:, :, None] * sy[:, :, None]).sum(3)  # (B, 2, y, x): summed over j
+    fields = torch.einsum("bsij,xi,yj->bsyx", coeffs, sx, sy)
     return torch.stack((fields[:, 0] * sx.shape[0], fields[:, 1] * sy.shape[0]), dim=1)
 
 
