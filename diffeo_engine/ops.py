@@ -13,6 +13,7 @@ images flow on every backend (:func:`diffeo_engine.reference.vjp`, twice differe
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -78,6 +79,20 @@ def _uses_kernels(images: torch.Tensor, backend: str) -> bool:
     return images.device.type == "cuda"
 
 
+def _kernel_op(name: str):
+    """``torch.ops.diffeo_engine.<name>``, the kernels' operator, registered on first use
+    (at import where CUDA or the interpreter is there: a trace never registers it)."""
+    if not torch.compiler.is_compiling():
+        operators.kernel_ops()
+    return getattr(torch.ops.diffeo_engine, name)
+
+
+if torch.cuda.is_available() or _interpreter_enabled():
+    # no triton: backend="torch" works, "triton" raises the ImportError when used
+    with contextlib.suppress(ImportError):
+        operators.kernel_ops()
+
+
 def _check_values(T: torch.Tensor, kernels: bool) -> None:
     """``T``'s values before the kernels (one host sync; the reference checks its own)."""
     if kernels and not torch.compiler.is_compiling():
@@ -109,7 +124,7 @@ def deform(
     check_finite(images, allow_nonfinite=allow_nonfinite)
     kernels = _uses_kernels(images, backend)
     _check_values(T, kernels)
-    op = operators.kernel_ops()[0] if kernels else operators.deform_reference
+    op = _kernel_op("deform") if kernels else operators.deform_reference
     return op(images, T, ids, cut, seed, interp, out_dtype)
 
 
@@ -140,5 +155,5 @@ def perturb(
     check_finite(images, allow_nonfinite=allow_nonfinite)
     kernels = _uses_kernels(images, backend)
     _check_values(T, kernels)
-    op = operators.kernel_ops()[1] if kernels else operators.perturb_reference
+    op = _kernel_op("perturb") if kernels else operators.perturb_reference
     return op(images, T, ids, cut, seed, sigma, interp, out_dtype)
