@@ -84,7 +84,11 @@ def displacement_field(coeffs: torch.Tensor, H: int, W: int) -> torch.Tensor:
 
 def _field(coeffs: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
     """``S_y C^T S_x^T`` per image and component, scaled to pixels (W for dx, H for dy)."""
-    fields = torch.einsum("bsij,xi,yj->bsyx", coeffs, sx, sy)
+    if torch.compiler.is_compiling():  # Inductor fuses these sums; nothing is stored
+        rows = (coeffs[..., None] * sx.T[:, None, :]).sum(2)  # (B, 2, j, x): over i
+        fields = (rows[:, :, None] * sy[:, :, None]).sum(3)  # (B, 2, y, x): over j
+    else:  # eager: BLAS, without a (B, 2, H, cut, W) temporary
+        fields = torch.einsum("bsij,xi,yj->bsyx", coeffs, sx, sy)
     return torch.stack((fields[:, 0] * sx.shape[0], fields[:, 1] * sy.shape[0]), dim=1)
 
 
