@@ -1,7 +1,9 @@
 """diffeo-engine: max-entropy diffeomorphisms, matched noise, and layer-wise sensitivities.
 
 The public API of design.md section 5, re-exported; nothing is defined here. Names are
-imported on first use (PEP 562), so ``diffeo-engine --help`` does not load torch.
+imported on first use (PEP 562), so ``import diffeo_engine`` costs little more than
+``import torch`` and loads neither ``triton`` nor ``torch._inductor``, and
+``diffeo-engine --help`` does not load torch at all.
 """
 
 from __future__ import annotations
@@ -11,25 +13,24 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it
 _EXPORTS = {
-    "load_generated": "diffeo_engine.generate",
-    "verify": "diffeo_engine.generate",
-    "deform": "diffeo_engine.ops",
-    "perturb": "diffeo_engine.ops",
-    "mode_mask": "diffeo_engine.physics",
-    "pixel_variance": "diffeo_engine.physics",
-    "temperature_range": "diffeo_engine.physics",
-    "typical_displacement": "diffeo_engine.physics",
-    "typical_temperature": "diffeo_engine.physics",
-    "displacement_field": "diffeo_engine.reference",
-    "sample_coefficients": "diffeo_engine.reference",
-    "warp": "diffeo_engine.reference",
-    "SensitivityMeter": "diffeo_engine.sensitivity",
-    "SensitivityResult": "diffeo_engine.sensitivity",
     "Diffeo": "diffeo_engine.transforms",
     "DiffeoPair": "diffeo_engine.transforms",
     "Perturbation": "diffeo_engine.transforms",
+    "SensitivityMeter": "diffeo_engine.sensitivity",
+    "SensitivityResult": "diffeo_engine.sensitivity",
+    "deform": "diffeo_engine.ops",
+    "displacement_field": "diffeo_engine.reference",
+    "load_generated": "diffeo_engine.generate",
+    "mode_mask": "diffeo_engine.physics",
+    "perturb": "diffeo_engine.ops",
+    "pixel_variance": "diffeo_engine.physics",
+    "sample_coefficients": "diffeo_engine.reference",
+    "temperature_range": "diffeo_engine.physics",
+    "typical_displacement": "diffeo_engine.physics",
+    "typical_temperature": "diffeo_engine.physics",
+    "verify": "diffeo_engine.generate",
+    "warp": "diffeo_engine.reference",
 }
 
 __all__ = [
@@ -53,21 +54,7 @@ __all__ = [
     "warp",
 ]
 
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'diffeo_engine' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
-
-if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+if TYPE_CHECKING:
     from diffeo_engine.generate import load_generated, verify
     from diffeo_engine.ops import deform, perturb
     from diffeo_engine.physics import (
@@ -80,3 +67,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from diffeo_engine.reference import displacement_field, sample_coefficients, warp
     from diffeo_engine.sensitivity import SensitivityMeter, SensitivityResult
     from diffeo_engine.transforms import Diffeo, DiffeoPair, Perturbation
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'diffeo_engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

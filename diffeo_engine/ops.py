@@ -1,26 +1,24 @@
-"""Public ``deform`` / ``perturb``: pick a backend and run it.
+"""Public ``deform`` / ``perturb``: check the arguments, pick a backend, call it.
 
 ``backend="auto"`` runs the Triton kernels on CUDA tensors and the PyTorch reference
 elsewhere; ``"triton"`` forces the kernels (CPU tensors only under ``TRITON_INTERPRET=1``);
-``"torch"`` forces the reference.
-
-``auto`` goes through the ``torch.library`` operators ``diffeo_engine::deform`` and
-``diffeo_engine::perturb`` (``triton_op``: ``torch.compile`` sees the kernels on CUDA;
-elsewhere they call the opaque ``*_reference`` operators), so a function calling them
-compiles with ``fullgraph=True``. Static checks run here; value checks (finite,
-non-negative ``T``) run inside the reference operator on CPU, where they cannot break a
-graph, and before the kernels elsewhere (skipped under ``torch.compile``).
-Gradients with respect to float images flow through the reference.
+``"torch"`` forces the reference. The path to a kernel reads top to bottom: this module
+checks what needs no tensor values, then calls an operator of :mod:`diffeo_engine.operators`
+(``torch.library``: ``torch.compile`` traces through with ``fullgraph=True``), whose body
+calls ``kernels.perturb.perturb`` (it checks the kernels' limits and launches) or the
+reference. Value checks (finite, non-negative ``T``) run inside the reference operator, or
+here before the kernels (skipped under ``torch.compile``). Gradients with respect to float
+images flow on every backend (:func:`diffeo_engine.reference.vjp`, twice differentiable).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
-from torch.library import custom_op, triton_op
 
-from diffeo_engine import reference
+from diffeo_engine import operators, reference
 from diffeo_engine.physics import (
     check_cut,
     check_field,
@@ -49,13 +47,6 @@ def _interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _kernels():
-    """The kernel module, imported on first use so the reference works without Triton."""
-    from diffeo_engine.kernels import perturb as kernels
-
-    return kernels
-
-
 def _check_triton_device(images: torch.Tensor) -> None:
     if images.device.type == "cuda" or (images.device.type == "cpu" and _interpreter_enabled()):
         return
@@ -63,149 +54,6 @@ def _check_triton_device(images: torch.Tensor) -> None:
         f"backend: 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
         f"before triton is imported), got images on {images.device}; use backend='torch'"
     )
-
-
-def _noise_arg(sigma: float | None):
-    return "matched" if sigma is None else sigma
-
-
-# ---------------------------------------------------------------- torch.library operators
-
-
-@custom_op("diffeo_engine::deform_reference", mutates_args=())
-def _deform_reference(
-    images: torch.Tensor,
-    T: torch.Tensor,
-    ids: torch.Tensor,
-    cut: int,
-    seed: int,
-    interp: str,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """Opaque to ``torch.compile``: the reference with its value checks, on any device."""
-    return reference.deform(
-        images, T, cut, seed=seed, ids=ids, interp=interp, out_dtype=out_dtype,
-        allow_nonfinite=True,  # checked by the public function, outside the graph
-    )  # fmt: skip
-
-
-@custom_op("diffeo_engine::perturb_reference", mutates_args=())
-def _perturb_reference(
-    images: torch.Tensor,
-    T: torch.Tensor,
-    ids: torch.Tensor,
-    cut: int,
-    seed: int,
-    sigma: float | None,
-    interp: str,
-    out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return reference.perturb(
-        images, T, cut, seed=seed, ids=ids, noise=_noise_arg(sigma), interp=interp,
-        out_dtype=out_dtype, allow_nonfinite=True,
-    )  # fmt: skip
-
-
-def _empty_like_output(images: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    fmt = reference.memory_format_of(images)
-    return torch.empty(images.shape, dtype=out_dtype, device=images.device, memory_format=fmt)
-
-
-@_deform_reference.register_fake
-def _(images, T, ids, cut, seed, interp, out_dtype):
-    return _empty_like_output(images, out_dtype)
-
-
-@_perturb_reference.register_fake
-def _(images, T, ids, cut, seed, sigma, interp, out_dtype):
-    return _empty_like_output(images, out_dtype), _empty_like_output(images, out_dtype)
-
-
-@triton_op("diffeo_engine::deform", mutates_args=())
-def _deform_op(
-    images: torch.Tensor,
-    T: torch.Tensor,
-    ids: torch.Tensor,
-    cut: int,
-    seed: int,
-    interp: str,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """``tau x`` by the kernels on CUDA, by the reference operator elsewhere."""
-    if images.device.type != "cuda":
-        return _deform_reference(images, T, ids, cut, seed, interp, out_dtype)
-    tau, _ = _kernels().perturb(
-        images, T, ids, cut=cut, seed=seed, noise=None, interp=interp, out_dtype=out_dtype
-    )
-    return tau
-
-
-@triton_op("diffeo_engine::perturb", mutates_args=())
-def _perturb_op(
-    images: torch.Tensor,
-    T: torch.Tensor,
-    ids: torch.Tensor,
-    cut: int,
-    seed: int,
-    sigma: float | None,
-    interp: str,
-    out_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tau x, x + eta)`` by the kernels on CUDA, by the reference operator elsewhere."""
-    if images.device.type != "cuda":
-        return _perturb_reference(images, T, ids, cut, seed, sigma, interp, out_dtype)
-    return _kernels().perturb(
-        images, T, ids, cut=cut, seed=seed, noise=_noise_arg(sigma), interp=interp,
-        out_dtype=out_dtype,
-    )  # fmt: skip
-
-
-@_deform_op.register_kernel("cpu")
-def _(images, T, ids, cut, seed, interp, out_dtype):
-    return _deform_reference(images, T, ids, cut, seed, interp, out_dtype)
-
-
-@_perturb_op.register_kernel("cpu")
-def _(images, T, ids, cut, seed, sigma, interp, out_dtype):
-    return _perturb_reference(images, T, ids, cut, seed, sigma, interp, out_dtype)
-
-
-# Autograd with respect to the images: backward through the reference, recomputed.
-
-
-def _save_inputs(ctx, inputs, output):
-    ctx.inputs = inputs
-
-
-def _reference_vjp(ctx, grads: tuple) -> tuple:
-    images, T, ids, cut, seed, *rest = ctx.inputs
-    with torch.enable_grad():
-        source = images.detach().requires_grad_(True)
-        if len(rest) == 2:  # deform: (interp, out_dtype)
-            outputs = (reference.deform(source, T, cut, seed=seed, ids=ids, interp=rest[0],
-                                        out_dtype=rest[1], allow_nonfinite=True),)  # fmt: skip
-        else:  # perturb: (sigma, interp, out_dtype)
-            outputs = reference.perturb(
-                source, T, cut, seed=seed, ids=ids, noise=_noise_arg(rest[0]), interp=rest[1],
-                out_dtype=rest[2], allow_nonfinite=True,
-            )  # fmt: skip
-        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
-        (grad,) = torch.autograd.grad([o for o, _ in pairs], source, [g for _, g in pairs])
-    return (grad,) + (None,) * (len(ctx.inputs) - 1)
-
-
-def _deform_backward(ctx, grad):
-    return _reference_vjp(ctx, (grad,))
-
-
-def _perturb_backward(ctx, grad_tau, grad_noisy):
-    return _reference_vjp(ctx, (grad_tau, grad_noisy))
-
-
-for _op in (_deform_reference, _deform_op):
-    _op.register_autograd(_deform_backward, setup_context=_save_inputs)
-for _op in (_perturb_reference, _perturb_op):
-    _op.register_autograd(_perturb_backward, setup_context=_save_inputs)
 
 
 # ------------------------------------------------------------------------------ public API
@@ -220,24 +68,37 @@ def _static_args(images, T, cut, seed, ids, interp, out_dtype):
     check_cut(cut)
     check_field(T, cut, images.shape[-2], images.shape[-1], ids)  # before T becomes a tensor
     B = images.shape[0]
-    if torch.is_tensor(T) and images.device.type != "cpu" and not torch.compiler.is_compiling():
-        check_T(T, B, images.device)  # values: one host sync, skipped when traced
     T = check_T(T, B, images.device, check_values=False)
     ids = check_ids(ids, B, images.device).contiguous()
     return images, T, ids, interp, out_dtype, seed
 
 
-def _dispatch(images: torch.Tensor, cut: int, backend: str) -> str:
-    """``"torch"``, ``"op"`` (the registered operator) or ``"interpreter"``."""
-    if backend == "torch":
-        return "torch"
+def _uses_kernels(images: torch.Tensor, backend: str) -> bool:
+    """The kernel operators (CUDA under ``auto``, or ``triton``) or the reference ones."""
     if backend == "triton":
         _check_triton_device(images)
-        _kernels().check_launchable(images, cut)
-        return "op" if images.device.type == "cuda" else "interpreter"
-    if images.device.type == "cuda":
-        _kernels().check_launchable(images, cut)
-    return "op"
+        return True
+    return images.device.type == "cuda"
+
+
+def _kernel_op(name: str):
+    """``torch.ops.diffeo_engine.<name>``, the kernels' operator, registered on first use
+    (at import where CUDA or the interpreter is there: a trace never registers it)."""
+    if not torch.compiler.is_compiling():
+        operators.kernel_ops()
+    return getattr(torch.ops.diffeo_engine, name)
+
+
+if torch.cuda.is_available() or _interpreter_enabled():
+    # no triton: backend="torch" works, "triton" raises the ImportError when used
+    with contextlib.suppress(ImportError):
+        operators.kernel_ops()
+
+
+def _check_values(T: torch.Tensor, kernels: bool) -> None:
+    """``T``'s values before the kernels (one host sync; the reference checks its own)."""
+    if kernels and not torch.compiler.is_compiling():
+        check_T(T, T.shape[0], T.device)
 
 
 def deform(
@@ -263,13 +124,10 @@ def deform(
         images, T, cut, seed, ids, interp, out_dtype
     )
     check_finite(images, allow_nonfinite=allow_nonfinite)
-    if _dispatch(images, cut, backend) == "interpreter":
-        check_T(T, T.shape[0], T.device)  # values (the reference operator checks its own)
-        tau, _ = _kernels().perturb(
-            images, T, ids, cut=cut, seed=seed, noise=None, interp=interp, out_dtype=out_dtype
-        )
-        return tau
-    return _deform_op(images, T, ids, cut, seed, interp, out_dtype)
+    kernels = _uses_kernels(images, backend)
+    _check_values(T, kernels)
+    op = _kernel_op("deform") if kernels else operators.deform_reference
+    return op(images, T, ids, cut, seed, interp, out_dtype)
 
 
 def perturb(
@@ -297,10 +155,7 @@ def perturb(
         images, T, cut, seed, ids, interp, out_dtype
     )
     check_finite(images, allow_nonfinite=allow_nonfinite)
-    if _dispatch(images, cut, backend) == "interpreter":
-        check_T(T, T.shape[0], T.device)  # values (the reference operator checks its own)
-        return _kernels().perturb(
-            images, T, ids, cut=cut, seed=seed, noise=_noise_arg(sigma), interp=interp,
-            out_dtype=out_dtype,
-        )  # fmt: skip
-    return _perturb_op(images, T, ids, cut, seed, sigma, interp, out_dtype)
+    kernels = _uses_kernels(images, backend)
+    _check_values(T, kernels)
+    op = _kernel_op("perturb") if kernels else operators.perturb_reference
+    return op(images, T, ids, cut, seed, sigma, interp, out_dtype)

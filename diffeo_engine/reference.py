@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from diffeo_engine import rng
+from diffeo_engine import compiled, rng
 from diffeo_engine.physics import (
     check_cut,
     check_displacement,
@@ -82,9 +82,17 @@ def displacement_field(coeffs: torch.Tensor, H: int, W: int) -> torch.Tensor:
     cut = coeffs.shape[-1]
     sx = sine_table(W, cut, device=coeffs.device, dtype=coeffs.dtype)  # (W, cut): over i
     sy = sine_table(H, cut, device=coeffs.device, dtype=coeffs.dtype)  # (H, cut): over j
-    fields = torch.einsum("bsij,xi,yj->bsyx", coeffs, sx, sy)
-    scale = torch.tensor([W, H], dtype=coeffs.dtype, device=coeffs.device)
-    return fields * scale[None, :, None, None]
+    return _field(coeffs, sx, sy)
+
+
+def _field(coeffs: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
+    """``S_y C^T S_x^T`` per image and component, scaled to pixels (W for dx, H for dy)."""
+    if torch.compiler.is_compiling():  # Inductor fuses these sums; nothing is stored
+        rows = (coeffs[..., None] * sx.T[:, None, :]).sum(2)  # (B, 2, j, x): over i
+        fields = (rows[:, :, None] * sy[:, :, None]).sum(3)  # (B, 2, y, x): over j
+    else:  # eager: BLAS, without a (B, 2, H, cut, W) temporary
+        fields = torch.einsum("bsij,xi,yj->bsyx", coeffs, sx, sy)
+    return torch.stack((fields[:, 0] * sx.shape[0], fields[:, 1] * sy.shape[0]), dim=1)
 
 
 def to_dtype(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -178,13 +186,83 @@ def check_noise(noise) -> float | None:
     return check_in_dtype("noise", float(noise), torch.float32, what="noise is drawn in float32")
 
 
-def _fields_for(images: torch.Tensor, T, cut: int, seed: int, ids) -> tuple:
+def _tables(cut: int, H: int, W: int, device) -> tuple[torch.Tensor, ...]:
+    """The coefficient std (float32, as in :func:`sample_coefficients`) and the float64 sine
+    tables of :func:`displacement_field`: shared by every image of a call."""
+    std = mode_variances(cut, device).sqrt().to(torch.float32)
+    sx = sine_table(W, cut, device=device, dtype=torch.float64)
+    sy = sine_table(H, cut, device=device, dtype=torch.float64)
+    return std, sx, sy
+
+
+def _displacement(T, ids, key, std, sx, sy) -> torch.Tensor:
+    """Each image's displacement, float32 ``(B, 2, H, W)``: the coefficients exactly as
+    :func:`sample_coefficients` draws them, the field in float64 and rounded once, so that
+    an image's field does not depend on the batch it sits in."""
+    normals = rng._coefficient_normals(key, ids, std.shape[-1])
+    coeffs = normals * std * T.sqrt()[:, None, None, None]
+    return _field(coeffs.to(torch.float64), sx, sy).to(torch.float32)
+
+
+def _deform_core(images, T, ids, key, std, sx, sy, *, interp: str) -> torch.Tensor:
+    """``tau x`` in the compute dtype on checked arguments, traced by :mod:`compiled`."""
+    return _warp_values(images, _displacement(T, ids, key, std, sx, sy), interp)
+
+
+def _perturb_core(images, T, ids, key, std, sx, sy, sigma, *, interp: str) -> tuple:
+    """``(tau x, x + eta)`` in the compute dtype on checked arguments (``sigma < 0``:
+    matched noise), traced by :mod:`compiled`.
+
+    The norms are taken in float64 so that they do not depend on the batch either.
+    """
+    _, C, H, W = images.shape
+    warped = _warp_values(images, _displacement(T, ids, key, std, sx, sy), interp)
+    clean = images.to(warped.dtype)
+    z = rng._noise(key, ids, C, H, W).to(warped.dtype)
+    change = (warped - clean).to(torch.float64).square().sum((1, 2, 3)).sqrt()
+    matched = change / z.to(torch.float64).square().sum((1, 2, 3)).sqrt()
+    scale = torch.where(sigma < 0, matched.to(warped.dtype), sigma.to(warped.dtype))
+    eta = z * scale[:, None, None, None]
+    return warped, clean + eta
+
+
+_CPU_CHUNK = 128  # images per eager pass on CPU: the int64 Philox temporaries fit in cache
+
+
+def _concat(chunks: list):
+    if torch.is_tensor(chunks[0]):
+        return torch.cat(chunks)
+    return tuple(torch.cat(parts) for parts in zip(*chunks))
+
+
+def _run(core, images, T, cut, seed, ids, *extra, interp, out_dtype):
+    """Check the shared arguments and run ``core``, compiled on CPU (:mod:`compiled`)."""
     B, _, H, W = images.shape
+    cut = check_cut(cut, maximum=rng.MAX_CUT)
+    seed = check_seed(seed)
     ids = check_ids(ids, B, images.device)
     check_field(T, cut, H, W, ids)
-    coeffs = sample_coefficients(B, cut, T, seed=seed, ids=ids, device=images.device)
-    # float64 then one rounding: an image's field does not depend on the batch it sits in
-    return ids, displacement_field(coeffs.to(torch.float64), H, W).to(torch.float32)
+    T = check_T(T, B, images.device)
+    key = torch.tensor(seed, dtype=torch.int64, device=images.device)
+    tables = _tables(cut, H, W, images.device)
+    args = (images, T, ids, key, *tables, *extra)
+    fmt = memory_format_of(images)
+    if images.dtype != torch.float64 and images.numel() and compiled.enabled(images):
+        # one graph per interp, whatever the dtypes (rounding them in it was slower)
+        values = compiled.call(core, images.to(torch.float32), *args[1:], interp=interp)
+    elif images.device.type == "cpu" and B > _CPU_CHUNK:
+        # image by image the results are the same: chunks keep the eager passes in cache
+        chunks = [
+            core(images[i : i + _CPU_CHUNK], T[i : i + _CPU_CHUNK], ids[i : i + _CPU_CHUNK],
+                 key, *tables, *extra, interp=interp)
+            for i in range(0, B, _CPU_CHUNK)
+        ]  # fmt: skip
+        values = chunks[0] if len(chunks) == 1 else _concat(chunks)
+    else:
+        values = core(*args, interp=interp)
+    if torch.is_tensor(values):
+        return to_dtype(values, out_dtype).contiguous(memory_format=fmt)
+    return tuple(to_dtype(v, out_dtype).contiguous(memory_format=fmt) for v in values)
 
 
 def deform(
@@ -200,8 +278,9 @@ def deform(
 ) -> torch.Tensor:
     """``tau x`` for each image, its field drawn from Philox keyed by ``(seed, id)``."""
     images = check_finite(check_images(images), allow_nonfinite=allow_nonfinite)
-    _, displacement = _fields_for(images, T, cut, seed, ids)
-    return warp(images, displacement, interp=interp, out_dtype=out_dtype)
+    interp = check_interp(interp)
+    out_dtype = check_out_dtype(out_dtype, images)
+    return _run(_deform_core, images, T, cut, seed, ids, interp=interp, out_dtype=out_dtype)
 
 
 def perturb(
@@ -226,19 +305,90 @@ def perturb(
     interp = check_interp(interp)
     sigma = check_noise(noise)
     out_dtype = check_out_dtype(out_dtype, images)
-    B, C, H, W = images.shape
-    ids, displacement = _fields_for(images, T, cut, seed, ids)
-    warped = _warp_values(images, displacement, interp)
-    clean = images.to(warped.dtype)
-    z = rng.noise_normals(seed, ids, (C, H, W)).to(warped.dtype)
-    if sigma is None:  # norms in float64 so that they do not depend on the batch either
-        change = (warped - clean).reshape(B, C * H * W).to(torch.float64).norm(dim=1)
-        scale = change / z.reshape(B, C * H * W).to(torch.float64).norm(dim=1)
-        eta = z * scale.to(warped.dtype)[:, None, None, None]
-    else:
-        eta = z * sigma
-    memory_format = memory_format_of(images)
-    return (
-        to_dtype(warped, out_dtype).contiguous(memory_format=memory_format),
-        to_dtype(clean + eta, out_dtype).contiguous(memory_format=memory_format),
+    sigma_t = torch.tensor(
+        -1.0 if sigma is None else sigma, dtype=torch.float64, device=images.device
     )
+    return _run(
+        _perturb_core, images, T, cut, seed, ids, sigma_t, interp=interp, out_dtype=out_dtype
+    )
+
+
+# ------------------------------------------------------------------------------ gradients
+
+
+def _scatter_warp_vjp(grad: torch.Tensor, displacement: torch.Tensor, interp: str):
+    """``W^T g``: the adjoint of the warp, each output pixel's gradient sent back to the
+    source pixels it read, with its bilinear weights. Linear in ``g`` and made of
+    differentiable operations, so it can itself be differentiated (double backward)."""
+    B, C, H, W = grad.shape
+    dtype = grad.dtype
+    d = displacement.to(dtype)
+    y = torch.arange(H, dtype=dtype, device=grad.device)[:, None]
+    x = torch.arange(W, dtype=dtype, device=grad.device)[None, :]
+    xs = (x - d[:, 0]).clamp(0, W - 1)
+    ys = (y - d[:, 1]).clamp(0, H - 1)
+    out = torch.zeros(B, C, H * W, dtype=dtype, device=grad.device)
+
+    def send(yi, xi, weight):
+        index = (yi * W + xi).reshape(B, 1, H * W).expand(B, C, H * W)
+        return out.scatter_add(2, index, (grad * weight).reshape(B, C, H * W))
+
+    if interp == "nearest":
+        one = torch.ones((), dtype=dtype, device=grad.device)
+        out = send(torch.floor(ys + 0.5).long(), torch.floor(xs + 0.5).long(), one)
+        return out.reshape(B, C, H, W)
+    x0, y0 = xs.floor(), ys.floor()
+    wx, wy = (xs - x0)[:, None], (ys - y0)[:, None]
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp(max=W - 1), (y0 + 1).clamp(max=H - 1)
+    for yi, xi, weight in (
+        (y0, x0, (1 - wy) * (1 - wx)),
+        (y0, x1, (1 - wy) * wx),
+        (y1, x0, wy * (1 - wx)),
+        (y1, x1, wy * wx),
+    ):
+        out = send(yi, xi, weight)
+    return out.reshape(B, C, H, W)
+
+
+def vjp(
+    images: torch.Tensor,
+    T: torch.Tensor,
+    ids: torch.Tensor,
+    cut: int,
+    seed: int,
+    sigma: float | None,
+    interp: str,
+    grad_tau: torch.Tensor | None,
+    grad_noisy: torch.Tensor | None = None,
+    *,
+    noise: bool = True,
+) -> torch.Tensor:
+    """The gradient of ``<grad_tau, tau x> + <grad_noisy, x + eta>`` with respect to ``x``
+    (``sigma`` None: matched noise), written out, with no value checks (so that
+    ``torch.compile`` traces it) and differentiable again in ``x`` and the grads.
+
+    ``tau x = W x`` is linear; with matched noise ``eta = z ||W x - x|| / ||z||`` adds
+    ``(z . g) / ||z|| * (W^T - 1) u`` for ``u = (W x - x) / ||W x - x||`` (0 where no change).
+    ``T`` and ``ids`` as checked by the forward; ``noise=False`` is ``deform``'s.
+    """
+    _, C, H, W = images.shape
+    dtype = _compute_dtype(images)
+    key = torch.tensor(seed, dtype=torch.int64, device=images.device)
+    displacement = _displacement(T, ids, key, *_tables(cut, H, W, images.device))
+    grad = torch.zeros(images.shape, dtype=dtype, device=images.device)
+    if grad_tau is not None:
+        grad = grad + _scatter_warp_vjp(grad_tau.to(dtype), displacement, interp)
+    if noise and grad_noisy is not None:
+        g = grad_noisy.to(dtype)
+        grad = grad + g
+        if sigma is None:
+            clean = images.to(dtype)
+            change = _warp_values(clean, displacement, interp) - clean
+            norm = change.to(torch.float64).square().sum((1, 2, 3)).sqrt()
+            unit = change / torch.where(norm > 0, norm, 1.0).to(dtype)[:, None, None, None]
+            z = rng._noise(key, ids, C, H, W).to(dtype)
+            z_norm = z.to(torch.float64).square().sum((1, 2, 3)).sqrt()
+            a = ((z * g).sum((1, 2, 3)) / z_norm.to(dtype))[:, None, None, None]
+            grad = grad + a * (_scatter_warp_vjp(unit, displacement, interp) - unit)
+    return grad.to(images.dtype)

@@ -17,7 +17,9 @@ same integers as :func:`philox4x32` here. Streams in use:
 * ``USER_STREAM_BASE + k``: free for other perturbations (see :func:`stream_normals`).
 
 Uint32 values live in int64 tensors; products are split in 16-bit halves so that nothing
-overflows, which makes the generator run on any device PyTorch supports.
+overflows, which makes the generator run on any device PyTorch supports. The key may also be
+a 0-d int64 tensor, so that a compiled caller (:mod:`diffeo_engine.compiled`) does not
+specialise on the seed; the integers are the same either way.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def philox4x32(
-    seed: int,
+    seed: int | torch.Tensor,
     c0: torch.Tensor,
     c1: torch.Tensor,
     c2: torch.Tensor,
@@ -82,7 +84,7 @@ def philox4x32(
 
     Counter words are integer tensors whose values are taken modulo ``2**32``; the four
     returned words are int64 tensors holding uint32 values, bit-identical to
-    ``tl.philox(seed, c0, c1, c2, c3)``.
+    ``tl.philox(seed, c0, c1, c2, c3)``. ``seed`` is an int or a 0-d int64 tensor.
     """
     c0, c1, c2, c3 = (torch.as_tensor(c).to(torch.int64) & MASK32 for c in (c0, c1, c2, c3))
     c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
@@ -133,6 +135,11 @@ def coefficient_normals(
     ids = _checked_key(seed, ids, device)
     if not 1 <= cut <= MAX_CUT:
         raise ValueError(f"cut: expected an integer in [1, {MAX_CUT}], got {cut}")
+    return _coefficient_normals(seed, ids, cut)
+
+
+def _coefficient_normals(seed: int | torch.Tensor, ids: torch.Tensor, cut: int) -> torch.Tensor:
+    """:func:`coefficient_normals` on checked arguments (also traced by :mod:`compiled`)."""
     device = ids.device
     modes = torch.arange(cut, device=device, dtype=torch.int64)
     counter = (modes[:, None] << 16) | modes[None, :]  # (cut, cut): i - 1 rows, j - 1 cols
@@ -169,6 +176,11 @@ def noise_normals(
     """The noise ``z`` of each image: float32 standard normals of shape ``(B, C, H, W)``."""
     ids = _checked_key(seed, ids, device)
     C, H, W = (int(s) for s in shape)
+    return _noise(seed, ids, C, H, W)
+
+
+def _noise(seed: int | torch.Tensor, ids: torch.Tensor, C: int, H: int, W: int) -> torch.Tensor:
+    """:func:`noise_normals` on checked arguments (also traced by :mod:`compiled`)."""
     device = ids.device
     c = torch.arange(C, device=device, dtype=torch.int64)[:, None, None]
     y = torch.arange(H, device=device, dtype=torch.int64)[None, :, None]

@@ -15,8 +15,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffeo_engine"
 
 # lowest first; a module belongs to the longest prefix listed
 LAYERS: list[tuple[str, ...]] = [
-    ("physics", "rng", "progress", "versions", "distributed"),
+    ("physics", "rng", "progress", "versions", "distributed", "compiled"),
     ("reference", "kernels"),
+    ("operators",),
     ("ops",),
     ("transforms", "data", "models"),
     ("sensitivity", "pictures"),

@@ -139,3 +139,78 @@ def test_nonfinite_pixels_are_refused_unless_allowed(backend, bad):
     # the opt-out lets the maths run: the other images are untouched by the bad pixel
     assert torch.isfinite(tau[0]).all() and torch.isfinite(noisy[2]).all()
     assert not torch.isfinite(noisy[1]).all()
+
+
+# ---------------------------------------------------------------------------- gradients
+
+
+def _reference_grads(x, fn, *args, **kwargs):
+    """``x``'s gradient and gradient-penalty gradient by autograd straight through the
+    eager reference (an independent computation of what the operators' VJP writes out)."""
+    x = x.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(fn(x, *args, **kwargs), x, create_graph=True)
+    if not grad.requires_grad:  # a linear map (deform): its gradient does not depend on x
+        return grad.detach(), torch.zeros_like(x)
+    (penalty,) = torch.autograd.grad(grad.square().sum(), x)
+    return grad.detach(), penalty
+
+
+def _noisy_loss(perturb, x, T, ids, **kwargs):
+    tau, noisy = perturb(x, T, 4, seed=9, ids=ids, **kwargs)
+    weights = torch.linspace(-1, 1, x[0].numel()).reshape(x.shape[1:])
+    return (tau * weights).sum() + noisy.square().sum()
+
+
+@pytest.mark.parametrize("noise", ["matched", 0.3])
+@pytest.mark.parametrize("interp", ["bilinear", "nearest"])
+def test_double_backward_matches_autograd_through_the_reference(noise, interp):
+    x = images_for((3, 2, 9, 11))
+    T, ids = torch.tensor([0.01, 0.02, 0.005]), torch.tensor([4, 2**40, 7])
+    kwargs = dict(noise=noise, interp=interp)
+    want_grad, want_penalty = _reference_grads(
+        x, lambda v: _noisy_loss(reference.perturb, v, T, ids, **kwargs)
+    )
+
+    leaf = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(
+        _noisy_loss(ops.perturb, leaf, T, ids, **kwargs), leaf, create_graph=True
+    )
+    assert grad.grad_fn is not None  # a gradient penalty can backpropagate through it
+    grad.square().sum().backward()
+    torch.testing.assert_close(grad.detach(), want_grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(leaf.grad, want_penalty, rtol=1e-4, atol=1e-4)
+    assert want_penalty.abs().sum() > 0
+
+
+def test_compile_fullgraph_then_backward_on_cpu():
+    x = images_for()
+    T, ids = torch.tensor([0.01, 0.02]), torch.arange(2) + 10
+
+    @torch.compile(fullgraph=True)
+    def loss(images):
+        return _noisy_loss(ops.perturb, images, T, ids) + ops.deform(images, 0.02, 3, seed=1).sum()
+
+    leaf = x.clone().requires_grad_(True)
+    loss(leaf).backward()
+
+    def eager(v):
+        return (
+            _noisy_loss(reference.perturb, v, T, ids) + reference.deform(v, 0.02, 3, seed=1).sum()
+        )
+
+    want, _ = _reference_grads(x, eager)
+    torch.testing.assert_close(leaf.grad, want, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_backend_deform_carries_the_reference_gradient():
+    """The kernels (interpreter here, CUDA on a GPU) return an output with a ``grad_fn``."""
+    x = images_for((2, 3, 8, 10)).to(DEVICE)
+    weights = torch.rand(x.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    leaf = x.clone().requires_grad_(True)
+    out = ops.deform(leaf, 0.02, 3, seed=5, backend="triton")
+    assert out.grad_fn is not None
+    (out * weights).sum().backward()
+    want, _ = _reference_grads(x, lambda v: (reference.deform(v, 0.02, 3, seed=5) * weights).sum())
+    torch.testing.assert_close(leaf.grad, want, rtol=1e-5, atol=1e-6)
+    tau, noisy = ops.perturb(leaf, 0.02, 3, seed=5, backend="triton")
+    assert tau.grad_fn is not None and noisy.grad_fn is not None
