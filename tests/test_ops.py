@@ -127,7 +127,7 @@ def test_compile_fullgraph_on_cuda_traces_the_kernels():
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_pixels_are_refused_unless_allowed(backend, bad):
     images = torch.rand(3, 2, 9, 11)
     images[1, 0, 4, 5] = bad

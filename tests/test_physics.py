@@ -206,3 +206,16 @@ def test_check_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             physics.check_device("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_check_finite_finds_one_bad_pixel_in_every_float_dtype(dtype, bad):
+    images = torch.rand(4, 3, 5, 6).to(dtype)
+    assert physics.check_finite(images) is images
+    images[2, 1, 4, 0] = bad
+    with pytest.raises(
+        ValueError, match=r"images: 1 pixel\(s\) are NaN or inf \(first in image 2\)"
+    ):
+        physics.check_finite(images)
+    assert physics.check_finite(images, allow_nonfinite=True) is images
