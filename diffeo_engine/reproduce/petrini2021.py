@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from diffeo_engine.models import get_model
-from diffeo_engine.reproduce.claims import Claims, log, measure
+from diffeo_engine.reproduce.claims import Claims, log
 from diffeo_engine.reproduce.real_images import MnistData, MnistTraining, not_testable
 
 __all__ = ["ARCHITECTURES", "N1_HIGH", "N1_LOW", "N2_FACTOR", "THRESHOLDS", "experiment"]
@@ -108,25 +108,14 @@ def experiment(
     cfg = cfg or (QUICK if quick else DEFAULT)
     device = torch.device(device)
     data = MnistData.load(mnist, cfg)
-    images, offset, norm, T = data.images, data.offset, data.norm, data.T
     nets: dict[str, dict] = {}
     for label, (name, kwargs) in ARCHITECTURES.items():
         t0 = time.perf_counter()
         model = get_model(name, seed=seed, in_channels=1, num_classes=10, **kwargs).to(device)
 
         def output_R(estimator: str, model=model) -> dict:
-            (record,) = measure(
-                model,
-                images,
-                sites={"output": 1},
-                batch_size=250,
-                device=device,
-                id_offset=offset,
-                T=T,
-                cut=cfg.cut,
-                seed=seed,
-                preprocess=norm,
-                estimator=estimator,
+            (record,) = data.measure(
+                model, {"output": 1}, cfg, seed=seed, device=device, estimator=estimator
             )
             return {key: record[key] for key in ("D", "G", "R")}
 
@@ -199,7 +188,7 @@ def experiment(
     )
     data = {
         "description": "Petrini et al. 2021: R_f of the output on MNIST, median estimator",
-        "settings": {**asdict(cfg), "T": T, "split": data.how, "architectures": ARCHITECTURES},
+        "settings": {**asdict(cfg), "T": data.T, "split": data.how, "architectures": ARCHITECTURES},
         "nets": nets,
         "spearman": rho,
         "seconds": time.perf_counter() - start,

@@ -121,6 +121,23 @@ class MnistData:
         )
         return history, test_loss, test_error
 
+    def measure(
+        self,
+        model: nn.Module,
+        sites: dict[str, int],
+        cfg: MnistTraining,
+        *,
+        seed: int,
+        device,
+        **meter_kwargs,
+    ) -> list[dict]:
+        """:func:`measure` on the measured images, keyed by their stream offset, at ``T``."""
+        return measure(
+            model, self.images, sites=sites, batch_size=250, device=device,
+            id_offset=self.offset, T=self.T, cut=cfg.cut, seed=seed, preprocess=self.norm,
+            **meter_kwargs,
+        )  # fmt: skip
+
 
 def not_testable(claims: Claims, entries, *, experiment: str, source: str) -> str:
     """Append ``entries`` (``(id, title)``) as NOT TESTABLE without ``--mnist``."""
@@ -276,11 +293,8 @@ def experiment_mnist(
     sites = {"input": 0, **{name: i + 1 for i, name in enumerate(cfg.layers)}}
 
     def run_meter():
-        return measure(
-            model, data.images, sites=sites, batch_size=250, device=device,
-            id_offset=data.offset, T=data.T, cut=cfg.cut, seed=seed, preprocess=data.norm,
-            perturbations_per_image=cfg.perturbations_per_image,
-        )  # fmt: skip
+        return data.measure(model, sites, cfg, seed=seed, device=device,
+                            perturbations_per_image=cfg.perturbations_per_image)  # fmt: skip
 
     init = run_meter()
     history, test_loss, test_error = data.fit(model, cfg, seed=seed, device=device)

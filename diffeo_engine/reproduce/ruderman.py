@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from diffeo_engine.models import get_model
-from diffeo_engine.reproduce.claims import Claims, log, measure, ratio
+from diffeo_engine.reproduce.claims import Claims, log, ratio
 from diffeo_engine.reproduce.real_images import MnistData, MnistTraining, not_testable, relu_sites
 
 __all__ = ["P1_RATIO", "P2_SHRINK", "P3_RATIO", "THRESHOLDS", "experiment", "filter_roughness"]
@@ -94,7 +94,6 @@ def experiment(
     cfg = cfg or (QUICK if quick else DEFAULT)
     device = torch.device(device)
     data = MnistData.load(mnist, cfg)
-    images, offset, norm, T = data.images, data.offset, data.norm, data.T
     nets = {}
     for kind in ("pool", "stride"):
         t0 = time.perf_counter()
@@ -109,19 +108,7 @@ def experiment(
         sites = relu_sites(model)
 
         def run_meter(model=model, sites=sites):
-            return measure(
-                model,
-                images,
-                sites=sites,
-                batch_size=250,
-                device=device,
-                id_offset=offset,
-                T=T,
-                cut=cfg.cut,
-                seed=seed,
-                preprocess=norm,
-                metric="cosine",
-            )
+            return data.measure(model, sites, cfg, seed=seed, device=device, metric="cosine")
 
         init, rough_init = run_meter(), filter_roughness(model.features[0])
         _, _, test_error = data.fit(model, cfg, seed=seed, device=device)
@@ -191,7 +178,7 @@ def experiment(
     data = {
         "description": "Ruderman et al. 2018: pooling vs strided CNN on MNIST, normalised "
         "cosine sensitivity per ReLU, first-layer filter roughness",
-        "settings": {**asdict(cfg), "T": T, "split": data.how},
+        "settings": {**asdict(cfg), "T": data.T, "split": data.how},
         "nets": nets,
         "seconds": time.perf_counter() - start,
     }

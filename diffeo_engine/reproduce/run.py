@@ -59,6 +59,7 @@ def parse_weights(items) -> dict[str, str]:
     return out
 
 
+@threads(1)
 def run_reproduction(
     out,
     *,
@@ -78,30 +79,6 @@ def run_reproduction(
     them 5-14x slower than one (ResNet-18 of width 8, one epoch of 2000 MNIST images:
     9.6 s against 134.5 s, side by side).
     """
-    with threads(1):
-        return _run(
-            out,
-            mnist=mnist,
-            cifar10=cifar10,
-            weights=weights,
-            quick=quick,
-            device=device,
-            seed=seed,
-            echo=echo,
-        )
-
-
-def _run(
-    out,
-    *,
-    mnist=None,
-    cifar10=None,
-    weights: dict[str, str] | None = None,
-    quick: bool = False,
-    device="cpu",
-    seed: int = 0,
-    echo: Callable[[str], None] | None = print,
-) -> dict:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"--seed: expected an integer >= 0, got {seed!r}")
     unknown = sorted(set(weights or {}) - set(CIFAR_NETS))
