@@ -1,19 +1,20 @@
-"""The ``torch.library`` operators behind :mod:`diffeo_engine.ops`, and their gradients.
+"""The ``torch.library`` operators behind :mod:`diffeo_engine.ops`, for ``torch.compile``.
 
-Two families, one per backend, each read top to bottom down to its implementation:
+Eager calls never come here (:mod:`~diffeo_engine.ops` calls the implementations
+directly, so a first call imports neither ``torch._dynamo`` nor ``triton``); a traced call
+does, and each family reads top to bottom down to its implementation:
 
-* ``diffeo_engine::deform_reference`` / ``perturb_reference`` (``custom_op``): the
-  reference (:mod:`diffeo_engine.reference`), opaque to ``torch.compile`` so that its
-  value checks never break a graph. Registering them imports neither ``torch._inductor``
-  nor ``triton``: importing this module is cheap.
-* ``diffeo_engine::deform`` / ``perturb`` (``triton_op``): the Triton kernels
-  (``kernels.perturb.perturb``, which checks its own limits and launches), so that
-  ``torch.compile`` sees the kernels. Registered on first use (:func:`kernel_ops`),
-  because registering a ``triton_op`` imports ``triton``.
+* ``diffeo_engine::deform_opaque`` / ``perturb_opaque`` (``custom_op``): the fused CPU
+  kernel (``backend="cpu"``) or the reference (``"torch"``), opaque to ``torch.compile``
+  so that their value checks never break a graph. Registering them imports neither
+  ``torch._inductor`` nor ``triton``.
+* ``diffeo_engine::deform`` / ``perturb`` (``triton_op``): the Triton kernels, so that
+  ``torch.compile`` sees them. Registered on first use (:func:`kernel_ops`), because
+  registering a ``triton_op`` imports ``triton``.
 
 Gradients with respect to float images: :func:`reference.vjp`, the adjoint written out,
-traceable by ``torch.compile`` and itself differentiable (double backward). ``T``, ``ids``
-and the rest get no gradient.
+traceable and itself differentiable (double backward). ``T``, ``ids``, ``cuts`` and the
+rest get no gradient.
 """
 
 from __future__ import annotations
@@ -25,13 +26,7 @@ from torch.library import custom_op
 
 from diffeo_engine import reference
 
-__all__ = [
-    "deform_reference",
-    "kernel_ops",
-    "noise_arg",
-    "perturb_reference",
-    "vjp_reference",
-]
+__all__ = ["deform_opaque", "kernel_ops", "noise_arg", "perturb_opaque", "vjp_reference"]
 
 
 def noise_arg(sigma: float | None):
@@ -44,48 +39,64 @@ def _empty_like_output(images: torch.Tensor, out_dtype: torch.dtype) -> torch.Te
     return torch.empty(images.shape, dtype=out_dtype, device=images.device, memory_format=fmt)
 
 
-@custom_op("diffeo_engine::deform_reference", mutates_args=())
-def deform_reference(
-    images: torch.Tensor,
-    T: torch.Tensor,
-    ids: torch.Tensor,
-    cut: int,
-    seed: int,
-    interp: str,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """``tau x`` by the reference, with its value checks, on any device."""
-    return reference.deform(
-        images, T, cut, seed=seed, ids=ids, interp=interp, out_dtype=out_dtype,
-        allow_nonfinite=True,  # checked by the public function, outside the graph
+def _opaque(images, T, ids, cut, cuts, seed, sigma, interp, out_dtype, backend, noise: bool):
+    """The CPU kernel or the reference on checked arguments (imported here: layer 1)."""
+    if backend == "cpu":
+        from diffeo_engine.kernels import cpu
+
+        tau, noisy, _ = cpu.perturb(
+            images, T, ids, cut=cut, cuts=cuts, seed=seed,
+            noise=noise_arg(sigma) if noise else None, interp=interp, out_dtype=out_dtype,
+        )  # fmt: skip
+        return (tau, noisy) if noise else tau
+    function = reference.perturb if noise else reference.deform
+    extra = {"noise": noise_arg(sigma)} if noise else {}
+    return function(
+        images, T, cut if cuts is None else cuts, seed=seed, ids=ids, interp=interp,
+        out_dtype=out_dtype, allow_nonfinite=True, **extra,
     )  # fmt: skip
 
 
-@custom_op("diffeo_engine::perturb_reference", mutates_args=())
-def perturb_reference(
+@custom_op("diffeo_engine::deform_opaque", mutates_args=())
+def deform_opaque(
     images: torch.Tensor,
     T: torch.Tensor,
     ids: torch.Tensor,
     cut: int,
+    cuts: torch.Tensor | None,
+    seed: int,
+    interp: str,
+    out_dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    """``tau x`` by the CPU kernel or the reference (value checks by the caller)."""
+    return _opaque(images, T, ids, cut, cuts, seed, None, interp, out_dtype, backend, False)
+
+
+@custom_op("diffeo_engine::perturb_opaque", mutates_args=())
+def perturb_opaque(
+    images: torch.Tensor,
+    T: torch.Tensor,
+    ids: torch.Tensor,
+    cut: int,
+    cuts: torch.Tensor | None,
     seed: int,
     sigma: float | None,
     interp: str,
     out_dtype: torch.dtype,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tau x, x + eta)`` by the reference (``sigma`` None: matched noise)."""
-    return reference.perturb(
-        images, T, cut, seed=seed, ids=ids, noise=noise_arg(sigma), interp=interp,
-        out_dtype=out_dtype, allow_nonfinite=True,
-    )  # fmt: skip
+    """``(tau x, x + eta)`` by the CPU kernel or the reference (``sigma`` None: matched)."""
+    return _opaque(images, T, ids, cut, cuts, seed, sigma, interp, out_dtype, backend, True)
 
 
-@deform_reference.register_fake
-def _(images, T, ids, cut, seed, interp, out_dtype):
+@deform_opaque.register_fake
+def _(images, T, ids, cut, cuts, seed, interp, out_dtype, backend):
     return _empty_like_output(images, out_dtype)
 
 
-@perturb_reference.register_fake
-def _(images, T, ids, cut, seed, sigma, interp, out_dtype):
+@perturb_opaque.register_fake
+def _(images, T, ids, cut, cuts, seed, sigma, interp, out_dtype, backend):
     return _empty_like_output(images, out_dtype), _empty_like_output(images, out_dtype)
 
 
@@ -93,8 +104,8 @@ def _(images, T, ids, cut, seed, sigma, interp, out_dtype):
 
 
 def _save(ctx, inputs, output) -> None:
-    images, T, ids, cut, seed, *rest = inputs
-    ctx.save_for_backward(images, T, ids)
+    images, T, ids, cut, cuts, seed, *rest = inputs
+    ctx.save_for_backward(images, T, ids, cuts)
     ctx.cut, ctx.seed, ctx.rest = cut, seed, rest
 
 
@@ -104,6 +115,7 @@ def vjp_reference(
     T: torch.Tensor,
     ids: torch.Tensor,
     cut: int,
+    cuts: torch.Tensor | None,
     seed: int,
     sigma: float | None,
     interp: str,
@@ -114,24 +126,28 @@ def vjp_reference(
     """:func:`reference.vjp` as one opaque operator: a compiled backward calls it rather
     than tracing the Philox stream and the scatter into a graph of its own."""
     return reference.vjp(
-        images, T, ids, cut, seed, sigma, interp, grad_tau, grad_noisy, noise=noise
+        images, T, ids, cut, seed, sigma, interp, grad_tau, grad_noisy, noise=noise, cuts=cuts
     ).contiguous()
 
 
 @vjp_reference.register_fake
-def _(images, T, ids, cut, seed, sigma, interp, noise, grad_tau, grad_noisy):
+def _(images, T, ids, cut, cuts, seed, sigma, interp, noise, grad_tau, grad_noisy):
     return torch.empty(images.shape, dtype=images.dtype, device=images.device)
 
 
 def _vjp(ctx, grad_tau, grad_noisy, *, noise: bool) -> tuple:
-    images, T, ids = ctx.saved_tensors
+    images, T, ids, cuts = ctx.saved_tensors
     sigma, interp = (ctx.rest[0], ctx.rest[1]) if noise else (None, ctx.rest[0])
-    args = (images, T, ids, ctx.cut, ctx.seed, sigma, interp)
     if torch.is_grad_enabled():  # create_graph: the written-out VJP, differentiable again
-        grad = reference.vjp(*args, grad_tau, grad_noisy, noise=noise)
+        grad = reference.vjp(
+            images, T, ids, ctx.cut, ctx.seed, sigma, interp, grad_tau, grad_noisy,
+            noise=noise, cuts=cuts,
+        )  # fmt: skip
     else:
-        grad = vjp_reference(*args, noise, grad_tau, grad_noisy)
-    return (grad,) + (None,) * (len(ctx.rest) + 4)
+        grad = vjp_reference(
+            images, T, ids, ctx.cut, cuts, ctx.seed, sigma, interp, noise, grad_tau, grad_noisy
+        )
+    return (grad,) + (None,) * (len(ctx.rest) + 5)
 
 
 def _deform_backward(ctx, grad):
@@ -142,8 +158,8 @@ def _perturb_backward(ctx, grad_tau, grad_noisy):
     return _vjp(ctx, grad_tau, grad_noisy, noise=True)
 
 
-deform_reference.register_autograd(_deform_backward, setup_context=_save)
-perturb_reference.register_autograd(_perturb_backward, setup_context=_save)
+deform_opaque.register_autograd(_deform_backward, setup_context=_save)
+perturb_opaque.register_autograd(_perturb_backward, setup_context=_save)
 
 
 # ---------------------------------------------------------------------- kernel operators
@@ -162,14 +178,16 @@ def kernel_ops():
         T: torch.Tensor,
         ids: torch.Tensor,
         cut: int,
+        cuts: torch.Tensor | None,
         seed: int,
         interp: str,
         out_dtype: torch.dtype,
     ) -> torch.Tensor:
         """``tau x`` by the kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
-        tau, _ = kernels.perturb(
-            images, T, ids, cut=cut, seed=seed, noise=None, interp=interp, out_dtype=out_dtype
-        )
+        tau, _, _ = kernels.perturb(
+            images, T, ids, cut=cut, cuts=cuts, seed=seed, noise=None, interp=interp,
+            out_dtype=out_dtype,
+        )  # fmt: skip
         return tau
 
     @triton_op("diffeo_engine::perturb", mutates_args=())
@@ -178,16 +196,18 @@ def kernel_ops():
         T: torch.Tensor,
         ids: torch.Tensor,
         cut: int,
+        cuts: torch.Tensor | None,
         seed: int,
         sigma: float | None,
         interp: str,
         out_dtype: torch.dtype,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(tau x, x + eta)`` by the kernels."""
-        return kernels.perturb(
-            images, T, ids, cut=cut, seed=seed, noise=noise_arg(sigma), interp=interp,
-            out_dtype=out_dtype,
+        tau, noisy, _ = kernels.perturb(
+            images, T, ids, cut=cut, cuts=cuts, seed=seed, noise=noise_arg(sigma),
+            interp=interp, out_dtype=out_dtype,
         )  # fmt: skip
+        return tau, noisy
 
     deform.register_autograd(_deform_backward, setup_context=_save)
     perturb.register_autograd(_perturb_backward, setup_context=_save)

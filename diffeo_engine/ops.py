@@ -1,39 +1,43 @@
-"""Public ``deform`` / ``perturb``: check the arguments, pick a backend, call it.
+"""Public ``deform`` / ``perturb``: check the arguments once, pick a backend, call it.
 
-``backend="auto"`` runs the Triton kernels on CUDA tensors and the PyTorch reference
-elsewhere; ``"triton"`` forces the kernels (CPU tensors only under ``TRITON_INTERPRET=1``);
-``"torch"`` forces the reference. The path to a kernel reads top to bottom: this module
-checks what needs no tensor values, then calls an operator of :mod:`diffeo_engine.operators`
-(``torch.library``: ``torch.compile`` traces through with ``fullgraph=True``), whose body
-calls ``kernels.perturb.perturb`` (it checks the kernels' limits and launches) or the
-reference. Value checks (finite, non-negative ``T``) run inside the reference operator, or
-here before the kernels (skipped under ``torch.compile``). Gradients with respect to float
-images flow on every backend (:func:`diffeo_engine.reference.vjp`, twice differentiable).
+``backend="auto"`` runs the Triton kernels on CUDA tensors, the fused CPU kernel
+(:mod:`diffeo_engine.kernels.cpu`, numba) on CPU tensors, and the PyTorch reference
+elsewhere (float64 images, other devices, or where numba does not import: then with one
+warning). ``"triton"``, ``"cpu"`` and ``"torch"`` force one. Eager calls go straight to the
+implementation (no ``torch.library`` dispatch, so a first call imports neither
+``torch._dynamo`` nor ``triton``); under ``torch.compile`` the operators of
+:mod:`diffeo_engine.operators` are traced instead. The kernels check the images for NaN
+and inf in their own read of them (a per-image count, one small read back), never in a
+separate pass. Gradients with respect to float images flow on every backend
+(:func:`diffeo_engine.reference.vjp`, twice differentiable).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
+from dataclasses import dataclass
 
 import torch
 
 from diffeo_engine import operators, reference
 from diffeo_engine.physics import (
-    check_cut,
+    check_cuts,
     check_field,
     check_finite,
     check_ids,
     check_images,
     check_interp,
     check_out_dtype,
+    check_overflow,
     check_seed,
     check_T,
 )
 
 __all__ = ["BACKENDS", "deform", "perturb"]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 
 def _check_backend(backend: str) -> str:
@@ -47,64 +51,191 @@ def _interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _check_triton_device(images: torch.Tensor) -> None:
-    if images.device.type == "cuda" or (images.device.type == "cpu" and _interpreter_enabled()):
-        return
-    raise ValueError(
-        f"backend: 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
-        f"before triton is imported), got images on {images.device}; use backend='torch'"
-    )
+_cpu_kernel: list = []  # [module] once numba imported, [None] once it failed
 
 
-# ------------------------------------------------------------------------------ public API
+def cpu_kernel():
+    """:mod:`diffeo_engine.kernels.cpu`, imported on the first CPU call; None (and one
+    warning) where numba does not import, so that the reference takes over."""
+    if not _cpu_kernel:
+        try:
+            from diffeo_engine.kernels import cpu
+        except ImportError as error:
+            warnings.warn(
+                f"diffeo_engine: the fused CPU kernel needs numba, which does not import here "
+                f"({error}); using the PyTorch reference (same images, several times slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            cpu = None
+        _cpu_kernel.append(cpu)
+    return _cpu_kernel[0]
 
 
-def _static_args(images, T, cut, seed, ids, interp, out_dtype):
-    """Checks that need no tensor values; returns the arguments the operators take."""
-    images = check_images(images)
-    interp = check_interp(interp)
-    out_dtype = check_out_dtype(out_dtype, images)
-    seed = check_seed(seed)
-    check_cut(cut)
-    check_field(T, cut, images.shape[-2], images.shape[-1], ids)  # before T becomes a tensor
-    B = images.shape[0]
-    T = check_T(T, B, images.device, check_values=False)
-    ids = check_ids(ids, B, images.device).contiguous()
-    return images, T, ids, interp, out_dtype, seed
-
-
-def _uses_kernels(images: torch.Tensor, backend: str) -> bool:
-    """The kernel operators (CUDA under ``auto``, or ``triton``) or the reference ones."""
+def _implementation(images: torch.Tensor, backend: str) -> str:
+    """``"triton"``, ``"cpu"`` or ``"torch"`` for these images."""
+    device = images.device.type
     if backend == "triton":
-        _check_triton_device(images)
-        return True
-    return images.device.type == "cuda"
-
-
-def _kernel_op(name: str):
-    """``torch.ops.diffeo_engine.<name>``, the kernels' operator, registered on first use
-    (at import where CUDA or the interpreter is there: a trace never registers it)."""
-    if not torch.compiler.is_compiling():
-        operators.kernel_ops()
-    return getattr(torch.ops.diffeo_engine, name)
+        if device == "cuda" or (device == "cpu" and _interpreter_enabled()):
+            return "triton"
+        raise ValueError(
+            f"backend: 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
+            f"set before triton is imported), got images on {images.device}; use "
+            "backend='torch'"
+        )
+    if backend == "cpu":
+        if device != "cpu":
+            raise ValueError(f"backend: 'cpu' needs CPU tensors, got images on {images.device}")
+        if images.dtype == torch.float64:
+            raise TypeError(
+                "images: the cpu backend takes uint8, float16, bfloat16 or float32 images, got "
+                "torch.float64 (use backend='torch' for it)"
+            )
+        if cpu_kernel() is None:
+            raise ValueError("backend: 'cpu' needs numba, which does not import here")
+        return "cpu"
+    if device == "cuda":
+        return "triton"
+    if device == "cpu" and images.dtype != torch.float64 and cpu_kernel() is not None:
+        return "cpu"
+    return "torch"
 
 
 if torch.cuda.is_available() or _interpreter_enabled():
-    # no triton: backend="torch" works, "triton" raises the ImportError when used
+    # registered at import, so that a trace never registers it (without triton,
+    # backend="torch" and "cpu" work and "triton" raises the ImportError when used)
     with contextlib.suppress(ImportError):
         operators.kernel_ops()
 
 
-def _check_values(T: torch.Tensor, kernels: bool) -> None:
-    """``T``'s values before the kernels (one host sync; the reference checks its own)."""
-    if kernels and not torch.compiler.is_compiling():
-        check_T(T, T.shape[0], T.device)
+@dataclass(frozen=True)
+class _Call:
+    """The checked arguments of one call."""
+
+    images: torch.Tensor
+    T: torch.Tensor
+    ids: torch.Tensor
+    cut: int
+    cuts: torch.Tensor | None
+    seed: int
+    sigma: float | None
+    noise: bool  # perturb (True) or deform (False)
+    interp: str
+    out_dtype: torch.dtype
+    implementation: str
+    allow_nonfinite: bool
+
+
+def _checked(images, T, cut, seed, ids, sigma, noise, interp, out_dtype, backend, allow_nonfinite):
+    images = check_images(images)
+    if not isinstance(allow_nonfinite, bool):
+        raise TypeError(f"allow_nonfinite: expected True or False, got {allow_nonfinite!r}")
+    interp = check_interp(interp)
+    out_dtype = check_out_dtype(out_dtype, images)
+    seed = check_seed(seed)
+    B, _, H, W = images.shape
+    cut, cuts = check_cuts(cut, B, images.device)
+    ids = check_ids(ids, B, images.device)
+    check_field(T, cut, H, W, ids, cuts)  # before T becomes a tensor
+    T = check_T(T, B, images.device, check_values=not torch.compiler.is_compiling())
+    implementation = _implementation(images, backend)
+    return _Call(
+        images, T, ids.contiguous(), cut, cuts, seed, sigma, noise, interp, out_dtype,
+        implementation, allow_nonfinite,
+    )  # fmt: skip
+
+
+def _launch(call: _Call, images: torch.Tensor):
+    """``(tau, noisy or None, non-finite count per image or None)`` from the kernels."""
+    if call.implementation == "triton":
+        from diffeo_engine.kernels import perturb as kernels
+    else:
+        kernels = cpu_kernel()
+    return kernels.perturb(
+        images, call.T, call.ids, cut=call.cut, cuts=call.cuts, seed=call.seed,
+        noise=operators.noise_arg(call.sigma) if call.noise else None, interp=call.interp,
+        out_dtype=call.out_dtype,
+    )  # fmt: skip
+
+
+def _check_results(call: _Call, images, outputs, nonfinite) -> None:
+    """Refuse NaN/inf pixels and overflowing outputs (unless ``allow_nonfinite``) from the
+    kernels' own count: nothing is read again unless the count says something is wrong."""
+    if call.allow_nonfinite:
+        return
+    if nonfinite is not None and not bool(nonfinite.any()):
+        return
+    check_finite(images)
+    for out in outputs:
+        check_overflow(images, out)
+
+
+class _KernelFunction(torch.autograd.Function):
+    """A kernel's outputs, differentiable in the images through :func:`reference.vjp`."""
+
+    @staticmethod
+    def forward(ctx, images, T, ids, cuts, call):
+        tau, noisy, nonfinite = _launch(call, images)
+        outputs = (tau,) if noisy is None else (tau, noisy)
+        _check_results(call, images, outputs, nonfinite)
+        ctx.save_for_backward(images, T, ids, cuts)
+        ctx.call = call
+        return outputs[0] if noisy is None else outputs
+
+    @staticmethod
+    def backward(ctx, grad_tau, grad_noisy=None):
+        images, T, ids, cuts = ctx.saved_tensors
+        call = ctx.call
+        grad = reference.vjp(
+            images, T, ids, call.cut, call.seed, call.sigma, call.interp, grad_tau, grad_noisy,
+            noise=call.noise, cuts=cuts,
+        )  # fmt: skip
+        return grad, None, None, None, None
+
+
+def _traced(call: _Call):
+    """Under ``torch.compile``: the operators, which the tracer can see."""
+    c = call
+    if c.implementation == "triton":
+        deform_op, perturb_op = operators.kernel_ops()
+        if c.noise:
+            return perturb_op(
+                c.images, c.T, c.ids, c.cut, c.cuts, c.seed, c.sigma, c.interp, c.out_dtype
+            )
+        return deform_op(c.images, c.T, c.ids, c.cut, c.cuts, c.seed, c.interp, c.out_dtype)
+    if c.noise:
+        return operators.perturb_opaque(
+            c.images, c.T, c.ids, c.cut, c.cuts, c.seed, c.sigma, c.interp, c.out_dtype,
+            c.implementation,
+        )  # fmt: skip
+    return operators.deform_opaque(
+        c.images, c.T, c.ids, c.cut, c.cuts, c.seed, c.interp, c.out_dtype, c.implementation
+    )
+
+
+def _run(call: _Call):
+    if torch.compiler.is_compiling():
+        return _traced(call)
+    if call.implementation == "torch":
+        function = reference.perturb if call.noise else reference.deform
+        extra = {"noise": operators.noise_arg(call.sigma)} if call.noise else {}
+        return function(
+            call.images, call.T, call.cut if call.cuts is None else call.cuts, seed=call.seed,
+            ids=call.ids, interp=call.interp, out_dtype=call.out_dtype,
+            allow_nonfinite=call.allow_nonfinite, **extra,
+        )  # fmt: skip
+    if torch.is_grad_enabled() and call.images.requires_grad:
+        return _KernelFunction.apply(call.images, call.T, call.ids, call.cuts, call)
+    tau, noisy, nonfinite = _launch(call, call.images)
+    outputs = (tau,) if noisy is None else (tau, noisy)
+    _check_results(call, call.images, outputs, nonfinite)
+    return tau if noisy is None else (tau, noisy)
 
 
 def deform(
     images: torch.Tensor,
     T,
-    cut: int,
+    cut,
     *,
     seed: int,
     ids=None,
@@ -113,27 +244,27 @@ def deform(
     backend: str = "auto",
     allow_nonfinite: bool = False,
 ) -> torch.Tensor:
-    """``tau x``: each image deformed by its max-entropy diffeomorphism, keyed by ``(seed, id)``."""
+    """``tau x``: each image deformed by its max-entropy diffeomorphism, keyed by ``(seed, id)``.
+
+    ``T`` is a float or one per image; ``cut`` an integer or one per image (each image keeps
+    its own disc of modes, whatever the others of its batch).
+    """
     _check_backend(backend)
     if backend == "torch":
         return reference.deform(
             images, T, cut, seed=seed, ids=ids, interp=interp, out_dtype=out_dtype,
             allow_nonfinite=allow_nonfinite,
         )  # fmt: skip
-    images, T, ids, interp, out_dtype, seed = _static_args(
-        images, T, cut, seed, ids, interp, out_dtype
+    call = _checked(
+        images, T, cut, seed, ids, None, False, interp, out_dtype, backend, allow_nonfinite
     )
-    check_finite(images, allow_nonfinite=allow_nonfinite)
-    kernels = _uses_kernels(images, backend)
-    _check_values(T, kernels)
-    op = _kernel_op("deform") if kernels else operators.deform_reference
-    return op(images, T, ids, cut, seed, interp, out_dtype)
+    return _run(call)
 
 
 def perturb(
     images: torch.Tensor,
     T,
-    cut: int,
+    cut,
     *,
     seed: int,
     ids=None,
@@ -151,11 +282,7 @@ def perturb(
             allow_nonfinite=allow_nonfinite,
         )  # fmt: skip
     sigma = reference.check_noise(noise)
-    images, T, ids, interp, out_dtype, seed = _static_args(
-        images, T, cut, seed, ids, interp, out_dtype
+    call = _checked(
+        images, T, cut, seed, ids, sigma, True, interp, out_dtype, backend, allow_nonfinite
     )
-    check_finite(images, allow_nonfinite=allow_nonfinite)
-    kernels = _uses_kernels(images, backend)
-    _check_values(T, kernels)
-    op = _kernel_op("perturb") if kernels else operators.perturb_reference
-    return op(images, T, ids, cut, seed, sigma, interp, out_dtype)
+    return _run(call)

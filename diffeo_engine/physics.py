@@ -22,6 +22,7 @@ __all__ = [
     "check_choice",
     "check_cut",
     "check_cut_for_image",
+    "check_cuts",
     "check_device",
     "check_displacement",
     "check_field",
@@ -32,9 +33,11 @@ __all__ = [
     "check_in_dtype",
     "check_int",
     "check_int_or_pair",
+    "check_overflow",
     "check_scalar_T",
     "check_seed",
     "check_stream",
+    "image_mode_masks",
     "max_cut",
     "mode_mask",
     "mode_variances",
@@ -133,6 +136,38 @@ def check_cut(cut, *, minimum: int = 1, maximum: int | None = None) -> int:
     if maximum is not None and cut > maximum:
         raise ValueError(f"cut: expected an integer <= {maximum} for this backend, got {cut}")
     return int(cut)
+
+
+def check_cuts(
+    cut, n_images: int, device: torch.device | str | None, *, maximum: int | None = None
+) -> tuple[int, torch.Tensor | None]:
+    """``cut`` as ``(largest, per_image)``: an integer gives ``(cut, None)``; one integer per
+    image (an integer tensor of shape ``(n_images,)`` or 0-d, or a sequence) gives the
+    batch's largest and an int64 tensor ``(n_images,)`` on ``device``. Each image keeps its
+    own disc of modes; the largest only sizes the work (one host read for a CUDA tensor).
+    """
+    if not torch.is_tensor(cut):
+        if _is_integer(cut) or isinstance(cut, (str, bytes)) or not _iterable(cut):
+            return check_cut(cut, maximum=maximum), None
+        values = list(cut)
+        for value in values:
+            check_cut(value, maximum=maximum)
+        cut = torch.tensor(values, dtype=torch.int64)
+    elif cut.dtype.is_floating_point or cut.dtype.is_complex or cut.dtype == torch.bool:
+        raise TypeError(f"cut: expected an integer or an integer tensor, got dtype {cut.dtype}")
+    if cut.dim() == 0:
+        cut = cut.reshape(1).expand(n_images)
+    if cut.shape != (n_images,):
+        raise ValueError(
+            f"cut: expected an integer or one per image, shape ({n_images},), "
+            f"got {tuple(cut.shape)}"
+        )
+    if n_images == 0:
+        return 1, cut.to(device=device, dtype=torch.int64)
+    low, high = (int(v) for v in torch.aminmax(cut))
+    check_cut(low, maximum=maximum)
+    check_cut(high, maximum=maximum)
+    return high, cut.to(device=device, dtype=torch.int64).contiguous()
 
 
 def check_stream(stream, limit: int) -> int:
@@ -289,6 +324,24 @@ def check_finite(images: torch.Tensor, name: str = "images", *, allow_nonfinite:
     return images
 
 
+def check_overflow(images: torch.Tensor, out: torch.Tensor, name: str = "images") -> None:
+    """A float output that is not finite although its (checked, finite) images were: a value
+    overflowed the output dtype on the way (``x * 3e38``, half images near 6.5e4)."""
+    if not out.is_floating_point() or torch.compiler.is_compiling() or out.device.type == "meta":
+        return
+    finite = torch.isfinite(out)
+    if out.numel() == 0 or bool(finite.all()):
+        return
+    first = int((~finite).flatten(1).any(dim=1).nonzero()[0])
+    limit = torch.finfo(out.dtype).max
+    raise ValueError(
+        f"{name}: the perturbation of image {first} overflows "
+        f"{str(out.dtype).replace('torch.', '')} (largest finite value {limit:.4g}; largest "
+        f"input magnitude {float(images[first].abs().max()):.4g}); scale the images down or "
+        "ask for a wider out_dtype"
+    )
+
+
 def check_out_dtype(out_dtype, images: torch.Tensor) -> torch.dtype:
     """The output dtype: the input's for float images, float32 for uint8, or as asked."""
     if out_dtype is None:
@@ -372,14 +425,16 @@ def check_cut_for_image(cut: int, H: int, W: int) -> int:
     return cut
 
 
-def check_field(T, cut: int, H: int, W: int, ids=None) -> None:
+def check_field(T, cut: int, H: int, W: int, ids=None, cuts: torch.Tensor | None = None) -> None:
     """``T`` and ``cut`` against the image size, before the field is drawn.
 
-    ``cut`` is checked by :func:`check_cut_for_image`; negative ``ids`` (a CPU tensor) are
-    refused. A typical displacement above ``MAX_TYPICAL_DISPLACEMENT`` pixels (float32
-    coordinates lose sub-pixel resolution) is refused naming ``T``; ``T`` above ``T_max``
-    warns (:class:`FoldingWarning`): the field folds the image. Values of a tensor ``T`` are read
-    only on the CPU (no device sync), and not at all under ``torch.compile``.
+    ``cut`` (the batch's largest when ``cuts`` gives one per image) is checked by
+    :func:`check_cut_for_image`; negative ``ids`` (a CPU tensor) are refused. A typical
+    displacement above ``MAX_TYPICAL_DISPLACEMENT`` pixels (float32 coordinates lose
+    sub-pixel resolution) is refused naming ``T``; ``T`` above ``T_max`` warns
+    (:class:`FoldingWarning`): the field folds the image. Each image is judged with its own
+    ``T`` and ``cut``. Values of tensors are read only on the CPU (no device sync), and not
+    at all under ``torch.compile``.
     """
     check_cut_for_image(cut, H, W)
     if torch.compiler.is_compiling():
@@ -390,25 +445,48 @@ def check_field(T, cut: int, H: int, W: int, ids=None) -> None:
             raise ValueError(f"ids: expected integers in [0, 2**63), got {low}")
     if not _is_integer(cut) or cut < 2:
         return
+    if cuts is not None and cuts.device.type != "cpu":
+        cuts = None  # judged at the largest cut below
     if torch.is_tensor(T):
         if T.device.type != "cpu" or T.numel() == 0:
             return
-        T = float(T.max())
-    if isinstance(T, bool) or not isinstance(T, numbers.Real) or not math.isfinite(T) or T < 0:
+        if cuts is None:
+            T = float(T.max())
+    elif isinstance(T, bool) or not isinstance(T, numbers.Real) or not math.isfinite(T) or T < 0:
         return  # check_T names the problem
     side = math.sqrt(H * W)
-    shift = typical_displacement(max(float(T), 0.0), cut, side)
+    if cuts is None:
+        worst_T, worst_cut = float(T), cut
+    else:  # every image with its own cut; the one moving the most is named
+        Ts = (T if torch.is_tensor(T) else torch.tensor(float(T))).to(torch.float64)
+        Ts = Ts.expand(cuts.shape)
+        if not bool(torch.isfinite(Ts).all()) or bool((Ts < 0).any()):
+            return  # check_T names the problem
+        logs = cuts.clamp(min=2).to(torch.float64).log()
+        shift = side * (math.pi * Ts * logs).sqrt() / 2 * (cuts >= 2)
+        worst = int(shift.argmax())
+        fold = 4.0 / (math.pi**3 * cuts.to(torch.float64) ** 2 * logs)
+        folding = (Ts > fold) & (cuts >= 2)
+        if bool(folding.any()) and shift[worst] <= MAX_TYPICAL_DISPLACEMENT:
+            worst = int(folding.nonzero()[0])
+        worst_T, worst_cut = float(Ts[worst]), int(cuts[worst])
+        if worst_cut < 2:
+            return
+    if not math.isfinite(worst_T) or worst_T < 0:
+        return  # check_T names the problem
+    shift = typical_displacement(max(worst_T, 0.0), worst_cut, side)
+    at = "" if cuts is None else f" (image {worst})"
     if shift > MAX_TYPICAL_DISPLACEMENT:
         raise ValueError(
-            f"T: {T:g} gives a typical displacement of {shift:.3g} px on {H}x{W} images; "
-            f"expected at most {MAX_TYPICAL_DISPLACEMENT:.3g} px (T_max is "
-            f"{temperature_range(side, cut)[1]:.3g} for cut={cut})"
+            f"T: {worst_T:g}{at} gives a typical displacement of {shift:.3g} px on {H}x{W} "
+            f"images; expected at most {MAX_TYPICAL_DISPLACEMENT:.3g} px (T_max is "
+            f"{temperature_range(side, worst_cut)[1]:.3g} for cut={worst_cut})"
         )
-    fold = temperature_range(side, cut)[1]
-    if fold < T:
+    fold = temperature_range(side, worst_cut)[1]
+    if fold < worst_T:
         warnings.warn(
-            f"T: {T:g} is above T_max = {fold:.3g} for cut={cut} on {H}x{W} images: the "
-            f"field folds the image (typical displacement {shift:.3g} px)",
+            f"T: {worst_T:g}{at} is above T_max = {fold:.3g} for cut={worst_cut} on {H}x{W} "
+            f"images: the field folds the image (typical displacement {shift:.3g} px)",
             FoldingWarning,
             stacklevel=3,
         )
@@ -498,6 +576,14 @@ def mode_mask(cut: int, device: torch.device | str | None = None) -> torch.Tenso
     k = torch.arange(1, cut + 1, device=device, dtype=torch.float64)
     r2 = k[:, None] ** 2 + k[None, :] ** 2
     return r2 < (cut + 0.5) ** 2
+
+
+def image_mode_masks(cuts: torch.Tensor, cut: int) -> torch.Tensor:
+    """Boolean ``(B, cut, cut)``: image ``b`` keeps mode ``(i, j)`` iff it lies in its own
+    disc ``sqrt(i^2 + j^2) < cuts[b] + 1/2`` (``cut``: the batch's largest)."""
+    k = torch.arange(1, cut + 1, device=cuts.device, dtype=torch.int64)
+    r2 = k[:, None] ** 2 + k[None, :] ** 2
+    return r2 <= (cuts * (cuts + 1))[:, None, None]  # i^2 + j^2 < (c + 1/2)^2 in integers
 
 
 def mode_variances(cut: int, device: torch.device | str | None = None) -> torch.Tensor:

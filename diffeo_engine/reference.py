@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from diffeo_engine import compiled, rng
+from diffeo_engine import rng
 from diffeo_engine.physics import (
-    check_cut,
+    check_cuts,
     check_displacement,
     check_field,
     check_finite,
@@ -21,8 +21,10 @@ from diffeo_engine.physics import (
     check_in_dtype,
     check_interp,
     check_out_dtype,
+    check_overflow,
     check_seed,
     check_T,
+    image_mode_masks,
     mode_variances,
     sine_table,
 )
@@ -52,17 +54,19 @@ def sample_coefficients(
 
     ``[b, :, i - 1, j - 1]`` is mode ``(i, j)`` (``i`` along x), drawn as
     ``N(0, T_b / (i^2 + j^2))`` on the disc ``sqrt(i^2 + j^2) < cut + 1/2`` and 0 outside.
+    ``cut`` may give one value per image: the tensor is sized by the largest and each image
+    keeps its own disc (a mode's draw does not depend on ``cut``).
     """
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 0:
         raise ValueError(f"n_images: expected an integer >= 0, got {n_images!r}")
-    cut = check_cut(cut, maximum=rng.MAX_CUT)
     seed = check_seed(seed)
     if device is None:
         device = ids.device if torch.is_tensor(ids) else (T.device if torch.is_tensor(T) else "cpu")
     device = torch.device(device)
+    cut, cuts = check_cuts(cut, n_images, device, maximum=rng.MAX_CUT)
     ids = check_ids(ids, n_images, device)
     T = check_T(T, n_images, device)
-    std = mode_variances(cut, device).sqrt().to(torch.float32)
+    std = _image_std(_std(cut, device), cuts)
     normals = rng.coefficient_normals(seed, ids, cut)
     return normals * std * T.sqrt()[:, None, None, None]
 
@@ -186,32 +190,43 @@ def check_noise(noise) -> float | None:
     return check_in_dtype("noise", float(noise), torch.float32, what="noise is drawn in float32")
 
 
+def _std(cut: int, device) -> torch.Tensor:
+    """The coefficient standard deviations per unit ``T``, float32 ``(cut, cut)``."""
+    return mode_variances(cut, device).sqrt().to(torch.float32)
+
+
+def _image_std(std: torch.Tensor, cuts: torch.Tensor | None) -> torch.Tensor:
+    """``std`` for every image: ``(cut, cut)`` shared, or ``(B, 1, cut, cut)`` with the modes
+    outside each image's own disc set to 0 (per-image ``cut``)."""
+    if cuts is None:
+        return std
+    return (std * image_mode_masks(cuts, std.shape[-1]))[:, None]
+
+
 def _tables(cut: int, H: int, W: int, device) -> tuple[torch.Tensor, ...]:
-    """The coefficient std (float32, as in :func:`sample_coefficients`) and the float64 sine
-    tables of :func:`displacement_field`: shared by every image of a call."""
-    std = mode_variances(cut, device).sqrt().to(torch.float32)
+    """The float64 sine tables of :func:`displacement_field`, shared by every image."""
     sx = sine_table(W, cut, device=device, dtype=torch.float64)
     sy = sine_table(H, cut, device=device, dtype=torch.float64)
-    return std, sx, sy
+    return sx, sy
 
 
 def _displacement(T, ids, key, std, sx, sy) -> torch.Tensor:
     """Each image's displacement, float32 ``(B, 2, H, W)``: the coefficients exactly as
-    :func:`sample_coefficients` draws them, the field in float64 and rounded once, so that
-    an image's field does not depend on the batch it sits in."""
-    normals = rng._coefficient_normals(key, ids, std.shape[-1])
+    :func:`sample_coefficients` draws them (``std`` from :func:`_image_std`), the field in
+    float64 and rounded once, so that an image's field does not depend on its batch."""
+    normals = rng._coefficient_normals(key, ids, sx.shape[-1])
     coeffs = normals * std * T.sqrt()[:, None, None, None]
     return _field(coeffs.to(torch.float64), sx, sy).to(torch.float32)
 
 
 def _deform_core(images, T, ids, key, std, sx, sy, *, interp: str) -> torch.Tensor:
-    """``tau x`` in the compute dtype on checked arguments, traced by :mod:`compiled`."""
+    """``tau x`` in the compute dtype on checked arguments."""
     return _warp_values(images, _displacement(T, ids, key, std, sx, sy), interp)
 
 
 def _perturb_core(images, T, ids, key, std, sx, sy, sigma, *, interp: str) -> tuple:
     """``(tau x, x + eta)`` in the compute dtype on checked arguments (``sigma < 0``:
-    matched noise), traced by :mod:`compiled`.
+    matched noise).
 
     The norms are taken in float64 so that they do not depend on the batch either.
     """
@@ -235,34 +250,36 @@ def _concat(chunks: list):
     return tuple(torch.cat(parts) for parts in zip(*chunks))
 
 
-def _run(core, images, T, cut, seed, ids, *extra, interp, out_dtype):
-    """Check the shared arguments and run ``core``, compiled on CPU (:mod:`compiled`)."""
+def _run(core, images, T, cut, seed, ids, *extra, interp, out_dtype, allow_nonfinite):
+    """Check the shared arguments and run ``core`` (in chunks of images on the CPU: image by
+    image the results are the same, and the passes stay in cache)."""
     B, _, H, W = images.shape
-    cut = check_cut(cut, maximum=rng.MAX_CUT)
+    cut, cuts = check_cuts(cut, B, images.device, maximum=rng.MAX_CUT)
     seed = check_seed(seed)
     ids = check_ids(ids, B, images.device)
-    check_field(T, cut, H, W, ids)
+    check_field(T, cut, H, W, ids, cuts)
     T = check_T(T, B, images.device)
     key = torch.tensor(seed, dtype=torch.int64, device=images.device)
+    std = _image_std(_std(cut, images.device), cuts)
     tables = _tables(cut, H, W, images.device)
-    args = (images, T, ids, key, *tables, *extra)
+    step = _CPU_CHUNK if images.device.type == "cpu" else max(B, 1)
+    chunks = []
+    for i in range(0, B, step):
+        part = slice(i, i + step)
+        chunk_std = std if cuts is None else std[part]
+        chunks.append(
+            core(images[part], T[part], ids[part], key, chunk_std, *tables, *extra, interp=interp)
+        )
+    if not chunks:
+        chunks.append(core(images, T, ids, key, std, *tables, *extra, interp=interp))
+    values = chunks[0] if len(chunks) == 1 else _concat(chunks)
     fmt = memory_format_of(images)
-    if images.dtype != torch.float64 and images.numel() and compiled.enabled(images):
-        # one graph per interp, whatever the dtypes (rounding them in it was slower)
-        values = compiled.call(core, images.to(torch.float32), *args[1:], interp=interp)
-    elif images.device.type == "cpu" and B > _CPU_CHUNK:
-        # image by image the results are the same: chunks keep the eager passes in cache
-        chunks = [
-            core(images[i : i + _CPU_CHUNK], T[i : i + _CPU_CHUNK], ids[i : i + _CPU_CHUNK],
-                 key, *tables, *extra, interp=interp)
-            for i in range(0, B, _CPU_CHUNK)
-        ]  # fmt: skip
-        values = chunks[0] if len(chunks) == 1 else _concat(chunks)
-    else:
-        values = core(*args, interp=interp)
-    if torch.is_tensor(values):
-        return to_dtype(values, out_dtype).contiguous(memory_format=fmt)
-    return tuple(to_dtype(v, out_dtype).contiguous(memory_format=fmt) for v in values)
+    outputs = [values] if torch.is_tensor(values) else list(values)
+    outputs = [to_dtype(v, out_dtype).contiguous(memory_format=fmt) for v in outputs]
+    if not allow_nonfinite:
+        for out in outputs:
+            check_overflow(images, out)
+    return outputs[0] if torch.is_tensor(values) else tuple(outputs)
 
 
 def deform(
@@ -280,7 +297,10 @@ def deform(
     images = check_finite(check_images(images), allow_nonfinite=allow_nonfinite)
     interp = check_interp(interp)
     out_dtype = check_out_dtype(out_dtype, images)
-    return _run(_deform_core, images, T, cut, seed, ids, interp=interp, out_dtype=out_dtype)
+    return _run(
+        _deform_core, images, T, cut, seed, ids, interp=interp, out_dtype=out_dtype,
+        allow_nonfinite=allow_nonfinite,
+    )  # fmt: skip
 
 
 def perturb(
@@ -309,8 +329,9 @@ def perturb(
         -1.0 if sigma is None else sigma, dtype=torch.float64, device=images.device
     )
     return _run(
-        _perturb_core, images, T, cut, seed, ids, sigma_t, interp=interp, out_dtype=out_dtype
-    )
+        _perturb_core, images, T, cut, seed, ids, sigma_t, interp=interp, out_dtype=out_dtype,
+        allow_nonfinite=allow_nonfinite,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ gradients
@@ -363,6 +384,7 @@ def vjp(
     grad_noisy: torch.Tensor | None = None,
     *,
     noise: bool = True,
+    cuts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The gradient of ``<grad_tau, tau x> + <grad_noisy, x + eta>`` with respect to ``x``
     (``sigma`` None: matched noise), written out, with no value checks (so that
@@ -370,12 +392,14 @@ def vjp(
 
     ``tau x = W x`` is linear; with matched noise ``eta = z ||W x - x|| / ||z||`` adds
     ``(z . g) / ||z|| * (W^T - 1) u`` for ``u = (W x - x) / ||W x - x||`` (0 where no change).
-    ``T`` and ``ids`` as checked by the forward; ``noise=False`` is ``deform``'s.
+    ``T``, ``ids`` and ``cuts`` (per-image cuts, or None) as checked by the forward;
+    ``noise=False`` is ``deform``'s.
     """
     _, C, H, W = images.shape
     dtype = _compute_dtype(images)
     key = torch.tensor(seed, dtype=torch.int64, device=images.device)
-    displacement = _displacement(T, ids, key, *_tables(cut, H, W, images.device))
+    std = _image_std(_std(cut, images.device), cuts)
+    displacement = _displacement(T, ids, key, std, *_tables(cut, H, W, images.device))
     grad = torch.zeros(images.shape, dtype=dtype, device=images.device)
     if grad_tau is not None:
         grad = grad + _scatter_warp_vjp(grad_tau.to(dtype), displacement, interp)

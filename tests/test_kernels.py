@@ -50,7 +50,7 @@ def run_kernels(images, T, ids, cut, *, noise="matched", interp="bilinear", out_
             torch.full_like(images, poison, dtype=out_dtype, memory_format=fmt)
             for _ in range(2 if noise is not None else 1)
         ]
-        tau, noisy = kernels.perturb(
+        tau, noisy, _ = kernels.perturb(
             images, T, ids, cut=cut, seed=SEED, noise=noise, interp=interp,
             out_dtype=out_dtype, out=(bufs[0], bufs[1] if noise is not None else None),
             programs_per_image=G,
@@ -250,7 +250,7 @@ def test_out_buffers_overlapping_the_input_are_refused():
     with pytest.raises(ValueError, match="overlap each other"):
         kernels.perturb(images, T, ids, out=(wide[..., :8], wide[..., 1:9]), **kw)
     pair = torch.empty((2, 2, 3, 8, 8), device=DEVICE)  # one allocation, disjoint halves
-    tau, noisy = kernels.perturb(images, T, ids, out=(pair[0], pair[1]), **kw)
+    tau, noisy, _ = kernels.perturb(images, T, ids, out=(pair[0], pair[1]), **kw)
     assert torch.isfinite(tau).all() and torch.isfinite(noisy).all()
 
 

@@ -149,15 +149,21 @@ def _resident_kernel(x_ptr, tau_ptr, noisy_ptr, coef_ptr, ids_ptr, sx_ptr, sy_pt
 
 
 @triton.jit
-def _coefficients_kernel(coef_ptr, T_ptr, ids_ptr, std_ptr, seed, CQ: tl.constexpr):
-    """Image ``program_id(0)``'s transposed coefficients of ``u`` and ``v``, ``(2, CQ, CQ)``."""
+def _coefficients_kernel(coef_ptr, T_ptr, ids_ptr, cuts_ptr, std_ptr, seed, CQ: tl.constexpr,
+                         PER_IMAGE_CUT: tl.constexpr):  # fmt: skip
+    """Image ``program_id(0)``'s transposed coefficients of ``u`` and ``v``, ``(2, CQ, CQ)``;
+    with ``PER_IMAGE_CUT`` the modes outside the image's own disc are 0."""
     b = tl.program_id(0)
     id_lo, id_hi = id_words(ids_ptr, b)
     sqrt_T = tl.sqrt_rn(tl.load(T_ptr + b))
+    coef = coefficients_both_t(seed, id_lo, id_hi, std_ptr, sqrt_T, CQ)  # [s, j - 1, i - 1]
+    if PER_IMAGE_CUT:
+        cut = tl.load(cuts_ptr + b)
+        j = tl.arange(0, CQ)[None, :, None] + 1
+        i = tl.arange(0, CQ)[None, None, :] + 1
+        coef = tl.where(i * i + j * j <= cut * (cut + 1), coef, 0.0)  # < (cut + 1/2)^2
     k = tl.arange(0, 2 * CQ * CQ)
-    tl.store(coef_ptr + b.to(tl.int64) * (2 * CQ * CQ) + k,
-             tl.reshape(coefficients_both_t(seed, id_lo, id_hi, std_ptr, sqrt_T, CQ),
-                        (2 * CQ * CQ,)))  # fmt: skip
+    tl.store(coef_ptr + b.to(tl.int64) * (2 * CQ * CQ) + k, tl.reshape(coef, (2 * CQ * CQ,)))
 
 
 @triton.jit

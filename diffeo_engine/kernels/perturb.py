@@ -188,6 +188,7 @@ def launches(
     seed: int,
     noise: str | float | None,
     interp: str,
+    cuts: torch.Tensor | None = None,
     programs_per_image: int | None = None,
 ) -> list[Launch]:
     """The launches that compute ``tau`` (and ``noisy``) from ``images``: the one place the
@@ -195,7 +196,8 @@ def launches(
 
     Nothing here depends on the device: ``G`` (programs per image) is the image's tile
     count unless ``programs_per_image`` forces it, so the matched-noise norms are summed in
-    the same order on every GPU and at every batch size.
+    the same order on every GPU and at every batch size. ``cut`` sizes the work (the
+    batch's largest); ``cuts``, one per image, masks each image's own disc.
     """
     _check_programs(programs_per_image)
     B, C, H, W = images.shape
@@ -211,8 +213,9 @@ def launches(
     fast = os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter has no approximations
     coef = torch.empty((B, 2, CQ, CQ), dtype=torch.float32, device=images.device)
     draw = Launch(
-        _coefficients_kernel, (B,), (coef, T, ids, std, seed),
-        dict(CQ=CQ, num_warps=4 if CQ >= 16 else 1, enable_fp_fusion=False),
+        _coefficients_kernel, (B,), (coef, T, ids, ids if cuts is None else cuts, std, seed),
+        dict(CQ=CQ, PER_IMAGE_CUT=cuts is not None, num_warps=4 if CQ >= 16 else 1,
+             enable_fp_fusion=False),
     )  # fmt: skip
     resident = n_tiles == 1 and C <= MAX_RESIDENT_CHANNELS and CQ <= MAX_RESIDENT_MODES
     if resident and programs_per_image in (None, 1):
@@ -268,10 +271,12 @@ def perturb(
     noise: str | float | None,
     interp: str,
     out_dtype: torch.dtype,
+    cuts: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     programs_per_image: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the kernels: ``(tau x, x + eta)``, or ``(tau x, None)`` for ``noise=None``.
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the kernels: ``(tau x, x + eta, None)``, or ``(tau x, None, None)`` for
+    ``noise=None`` (the third place is for a per-image count of non-finite values).
 
     Arguments are already validated (``T`` float32 and ``ids`` int64, shape ``(B,)``, on
     the images' device); ``noise`` is ``None``, ``"matched"`` or a sigma. ``out`` gives
@@ -282,11 +287,12 @@ def perturb(
     check_launchable(images, cut)
     tau, noisy = _outputs(images, out_dtype, noise, out)
     if images.numel() == 0:
-        return tau, noisy
+        return tau, noisy, None
     plan = launches(
         images, T.contiguous(), ids.contiguous(), tau, noisy, cut=cut, seed=seed, noise=noise,
-        interp=interp, programs_per_image=programs_per_image,
+        interp=interp, cuts=None if cuts is None else cuts.contiguous(),
+        programs_per_image=programs_per_image,
     )  # fmt: skip
     for launch in plan:
         wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.kwargs)
-    return tau, noisy
+    return tau, noisy, None
