@@ -25,6 +25,7 @@ import torch
 from torch.library import custom_op
 
 from diffeo_engine import reference
+from diffeo_engine.physics import check_T
 
 __all__ = ["deform_opaque", "kernel_ops", "noise_arg", "perturb_opaque", "vjp_reference"]
 
@@ -44,6 +45,7 @@ def _opaque(images, T, ids, cut, cuts, seed, sigma, interp, out_dtype, backend, 
     if backend == "cpu":
         from diffeo_engine.kernels import cpu
 
+        check_T(T, images.shape[0], images.device)  # its values, as the reference does
         tau, noisy, _ = cpu.perturb(
             images, T, ids, cut=cut, cuts=cuts, seed=seed,
             noise=noise_arg(sigma) if noise else None, interp=interp, out_dtype=out_dtype,
@@ -186,7 +188,7 @@ def kernel_ops():
         """``tau x`` by the kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
         tau, _, _ = kernels.perturb(
             images, T, ids, cut=cut, cuts=cuts, seed=seed, noise=None, interp=interp,
-            out_dtype=out_dtype,
+            out_dtype=out_dtype, check=False,  # a graph reads nothing back
         )  # fmt: skip
         return tau
 
@@ -205,7 +207,7 @@ def kernel_ops():
         """``(tau x, x + eta)`` by the kernels."""
         tau, noisy, _ = kernels.perturb(
             images, T, ids, cut=cut, cuts=cuts, seed=seed, noise=noise_arg(sigma),
-            interp=interp, out_dtype=out_dtype,
+            interp=interp, out_dtype=out_dtype, check=False,  # a graph reads nothing back
         )  # fmt: skip
         return tau, noisy
 

@@ -147,23 +147,22 @@ def _checked(images, T, cut, seed, ids, sigma, noise, interp, out_dtype, backend
 
 def _launch(call: _Call, images: torch.Tensor):
     """``(tau, noisy or None, non-finite count per image or None)`` from the kernels."""
+    noise = operators.noise_arg(call.sigma) if call.noise else None
+    common = dict(cut=call.cut, cuts=call.cuts, seed=call.seed, noise=noise, interp=call.interp,
+                  out_dtype=call.out_dtype)  # fmt: skip
     if call.implementation == "triton":
         from diffeo_engine.kernels import perturb as kernels
-    else:
-        kernels = cpu_kernel()
-    return kernels.perturb(
-        images, call.T, call.ids, cut=call.cut, cuts=call.cuts, seed=call.seed,
-        noise=operators.noise_arg(call.sigma) if call.noise else None, interp=call.interp,
-        out_dtype=call.out_dtype,
-    )  # fmt: skip
+
+        return kernels.perturb(images, call.T, call.ids, check=not call.allow_nonfinite, **common)
+    return cpu_kernel().perturb(images, call.T, call.ids, **common)
 
 
 def _check_results(call: _Call, images, outputs, nonfinite) -> None:
     """Refuse NaN/inf pixels and overflowing outputs (unless ``allow_nonfinite``) from the
     kernels' own count: nothing is read again unless the count says something is wrong."""
-    if call.allow_nonfinite:
+    if call.allow_nonfinite or nonfinite is None:  # None: nothing that could be wrong
         return
-    if nonfinite is not None and not bool(nonfinite.any()):
+    if not bool(nonfinite.any()):  # the one small read back
         return
     check_finite(images)
     for out in outputs:

@@ -8,6 +8,7 @@ over 500 lines: the checks stay together so that there is one place to look.)
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -18,6 +19,7 @@ import torch
 __all__ = [
     "CutWarning",
     "FoldingWarning",
+    "OutputOverflowError",
     "check_T",
     "check_choice",
     "check_cut",
@@ -61,6 +63,11 @@ class FoldingWarning(UserWarning):
     """``T`` above ``T_max``: the field folds the image (it is no longer a diffeomorphism)."""
 
 
+class OutputOverflowError(ValueError):
+    """Finite images whose perturbation overflows the output dtype (see
+    :func:`check_overflow`); a ``ValueError``, raised before anything is returned."""
+
+
 class CutWarning(UserWarning):
     """``cut`` above :func:`max_cut`: the extra modes only alias lower ones."""
 
@@ -69,6 +76,10 @@ class CutWarning(UserWarning):
 
 
 def _is_integer(value) -> bool:
+    """Python and NumPy integers (``bool`` is not one here); ``type(...) is int`` first,
+    because the ``numbers.Integral`` check is slow and runs several times per call."""
+    if type(value) is int:
+        return True
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -334,7 +345,7 @@ def check_overflow(images: torch.Tensor, out: torch.Tensor, name: str = "images"
         return
     first = int((~finite).flatten(1).any(dim=1).nonzero()[0])
     limit = torch.finfo(out.dtype).max
-    raise ValueError(
+    raise OutputOverflowError(
         f"{name}: the perturbation of image {first} overflows "
         f"{str(out.dtype).replace('torch.', '')} (largest finite value {limit:.4g}; largest "
         f"input magnitude {float(images[first].abs().max()):.4g}); scale the images down or "
@@ -474,15 +485,14 @@ def check_field(T, cut: int, H: int, W: int, ids=None, cuts: torch.Tensor | None
             return
     if not math.isfinite(worst_T) or worst_T < 0:
         return  # check_T names the problem
-    shift = typical_displacement(max(worst_T, 0.0), worst_cut, side)
+    shift, fold = _field_limits(worst_T, worst_cut, side)
     at = "" if cuts is None else f" (image {worst})"
     if shift > MAX_TYPICAL_DISPLACEMENT:
         raise ValueError(
             f"T: {worst_T:g}{at} gives a typical displacement of {shift:.3g} px on {H}x{W} "
             f"images; expected at most {MAX_TYPICAL_DISPLACEMENT:.3g} px (T_max is "
-            f"{temperature_range(side, worst_cut)[1]:.3g} for cut={worst_cut})"
+            f"{fold:.3g} for cut={worst_cut})"
         )
-    fold = temperature_range(side, worst_cut)[1]
     if fold < worst_T:
         warnings.warn(
             f"T: {worst_T:g}{at} is above T_max = {fold:.3g} for cut={worst_cut} on {H}x{W} "
@@ -490,6 +500,13 @@ def check_field(T, cut: int, H: int, W: int, ids=None, cuts: torch.Tensor | None
             FoldingWarning,
             stacklevel=3,
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _field_limits(T: float, cut: int, side: float) -> tuple[float, float]:
+    """``(typical displacement, T_max)``: computed once per setting (a transform calls
+    :func:`check_field` with the same values on every sample)."""
+    return typical_displacement(T, cut, side), temperature_range(side, cut)[1]
 
 
 def check_displacement(displacement: torch.Tensor) -> torch.Tensor:

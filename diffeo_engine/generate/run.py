@@ -29,6 +29,7 @@ from diffeo_engine.generate.plan import (
     _resolved_backend,
 )
 from diffeo_engine.generate.writer import _Writer
+from diffeo_engine.physics import OutputOverflowError
 from diffeo_engine.progress import Progress
 
 __all__ = ["generate"]
@@ -229,7 +230,13 @@ def _run(
                 if not allow_nonfinite:
                     _check_source_finite(images, ids, K)
                 images = images.to(device)
-                outputs = _perturb(images, ids.to(device), params, device, backend, allow_nonfinite)
+                try:
+                    outputs = _perturb(
+                        images, ids.to(device), params, device, backend, allow_nonfinite
+                    )
+                except OutputOverflowError:  # refused by ops: said below, for the shard
+                    finite = torch.zeros((), dtype=torch.bool)
+                    break
                 for kind, values in outputs.items():
                     if values.is_floating_point() and not allow_nonfinite:
                         finite &= torch.isfinite(values).all()  # checked once per shard

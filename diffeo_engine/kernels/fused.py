@@ -22,8 +22,10 @@ from diffeo_engine.kernels.warp import (
     bilinear_offsets,
     gather,
     nearest_offsets,
+    nonfinite,
     source_points,
     store_values,
+    stored_nonfinite,
 )
 
 
@@ -75,20 +77,27 @@ def _sample(src, o00, o01, o10, o11, wx, wy, mask, NEAREST: tl.constexpr, FLAT: 
 def _channel(x_img, tau_img, noisy_img, c: tl.constexpr, sxc, soc, o00, o01, o10, o11, wx, wy,
              here, out, mask, seed, id_lo, id_hi, sigma, H, ys, x_start,
              BW: tl.constexpr, NEAREST: tl.constexpr, NOISE: tl.constexpr,
-             FAST: tl.constexpr, FLAT: tl.constexpr):  # fmt: skip
+             FAST: tl.constexpr, FLAT: tl.constexpr, CHECK: tl.constexpr):  # fmt: skip
     """Channel ``c`` of a resident image: write ``tau x`` (and ``x + sigma z``); return
-    ``tau x``, ``x`` and ``z``."""
+    ``tau x``, ``x``, ``z`` and (``CHECK``) how many values read or written are not finite."""
     src = x_img + c * sxc
     value = _sample(src, o00, o01, o10, o11, wx, wy, mask, NEAREST, FLAT)
     store_values(tau_img + c * soc + out, value, mask)
     clean = value
     z = value
-    if NOISE != 0:
+    bad = 0
+    if NOISE != 0 or CHECK:
         clean = tl.load(src + here, mask=mask, other=0).to(tl.float32)
+    if CHECK:
+        bad = nonfinite(clean, mask) + stored_nonfinite(tau_img, value, mask)
+    if NOISE != 0:
         z = noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW, FAST)
         if NOISE == 1:
-            store_values(noisy_img + c * soc + out, tl.fma(z, sigma, clean), mask)
-    return value, clean, z
+            noisy = tl.fma(z, sigma, clean)
+            store_values(noisy_img + c * soc + out, noisy, mask)
+            if CHECK:
+                bad += stored_nonfinite(noisy_img, noisy, mask)
+    return value, clean, z, bad
 
 
 @triton.jit
@@ -100,13 +109,14 @@ def _squares(value, clean, z, d2, z2, mask):
 
 
 @triton.jit
-def _resident_kernel(x_ptr, tau_ptr, noisy_ptr, coef_ptr, ids_ptr, sx_ptr, sy_ptr, seed, sigma,
-                     H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+def _resident_kernel(x_ptr, tau_ptr, noisy_ptr, coef_ptr, ids_ptr, sx_ptr, sy_ptr, bad_ptr,
+                     seed, sigma, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                      NC: tl.constexpr, CUT: tl.constexpr, CQ: tl.constexpr, CP: tl.constexpr,
                      BH: tl.constexpr,
                      BW: tl.constexpr, NEAREST: tl.constexpr, NOISE: tl.constexpr,
-                     FAST: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
-    """Image ``program_id(0)`` whole, its ``NC`` channels' ``x`` and ``z`` kept on chip."""
+                     FAST: tl.constexpr, EVEN: tl.constexpr, CHECK: tl.constexpr):  # fmt: skip
+    """Image ``program_id(0)`` whole, its ``NC`` channels' ``x`` and ``z`` kept on chip;
+    with ``CHECK`` the count of non-finite values read or written goes to ``bad_ptr[b]``."""
     b = tl.program_id(0)
     id_lo, id_hi = id_words(ids_ptr, b)
     x_img = x_ptr + b.to(tl.int64) * sxb
@@ -117,35 +127,54 @@ def _resident_kernel(x_ptr, tau_ptr, noisy_ptr, coef_ptr, ids_ptr, sx_ptr, sy_pt
     o00, o01, o10, o11, wx, wy = _offsets(dx, dy, ys, xs, H, W, sxh, sxw, NEAREST)
     here = ys * sxh + xs * sxw
     out = ys * soh + xs * sow
-    t0, x0, z0 = _channel(x_img, tau_img, noisy_img, 0, sxc, soc, o00, o01, o10, o11, wx, wy,
-                          here, out, mask, seed, id_lo, id_hi, sigma, H, ys, x_start, BW,
-                          NEAREST, NOISE, FAST, CP <= 16)  # fmt: skip
+    t0, x0, z0, bad = _channel(x_img, tau_img, noisy_img, 0, sxc, soc, o00, o01, o10, o11, wx,
+                               wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys, x_start,
+                               BW, NEAREST, NOISE, FAST, CP <= 16, CHECK)  # fmt: skip
     d2, z2 = _squares(t0, x0, z0, 0.0, 0.0, mask)
     x1, z1, x2, z2_, x3, z3 = x0, z0, x0, z0, x0, z0
     if NC > 1:
-        t1, x1, z1 = _channel(x_img, tau_img, noisy_img, 1, sxc, soc, o00, o01, o10, o11, wx,
-                              wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys, x_start,
-                              BW, NEAREST, NOISE, FAST, CP <= 16)  # fmt: skip
+        t1, x1, z1, bad1 = _channel(x_img, tau_img, noisy_img, 1, sxc, soc, o00, o01, o10, o11,
+                                    wx, wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys,
+                                    x_start, BW, NEAREST, NOISE, FAST, CP <= 16,
+                                    CHECK)  # fmt: skip
         d2, z2 = _squares(t1, x1, z1, d2, z2, mask)
+        bad += bad1
     if NC > 2:
-        t2, x2, z2_ = _channel(x_img, tau_img, noisy_img, 2, sxc, soc, o00, o01, o10, o11, wx,
-                               wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys, x_start,
-                               BW, NEAREST, NOISE, FAST, CP <= 16)  # fmt: skip
+        t2, x2, z2_, bad2 = _channel(x_img, tau_img, noisy_img, 2, sxc, soc, o00, o01, o10, o11,
+                                     wx, wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys,
+                                     x_start, BW, NEAREST, NOISE, FAST, CP <= 16,
+                                     CHECK)  # fmt: skip
         d2, z2 = _squares(t2, x2, z2_, d2, z2, mask)
+        bad += bad2
     if NC > 3:
-        t3, x3, z3 = _channel(x_img, tau_img, noisy_img, 3, sxc, soc, o00, o01, o10, o11, wx,
-                              wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys, x_start,
-                              BW, NEAREST, NOISE, FAST, CP <= 16)  # fmt: skip
+        t3, x3, z3, bad3 = _channel(x_img, tau_img, noisy_img, 3, sxc, soc, o00, o01, o10, o11,
+                                    wx, wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys,
+                                    x_start, BW, NEAREST, NOISE, FAST, CP <= 16,
+                                    CHECK)  # fmt: skip
         d2, z2 = _squares(t3, x3, z3, d2, z2, mask)
+        bad += bad3
     if NOISE == 2:
         scale = tl.div_rn(tl.sqrt_rn(tl.sum(d2)), tl.sqrt_rn(tl.sum(z2)))
-        store_values(noisy_img + out, tl.fma(z0, scale, x0), mask)
+        bad += _store_noisy(noisy_img + out, z0, scale, x0, mask, CHECK)
         if NC > 1:
-            store_values(noisy_img + soc + out, tl.fma(z1, scale, x1), mask)
+            bad += _store_noisy(noisy_img + soc + out, z1, scale, x1, mask, CHECK)
         if NC > 2:
-            store_values(noisy_img + 2 * soc + out, tl.fma(z2_, scale, x2), mask)
+            bad += _store_noisy(noisy_img + 2 * soc + out, z2_, scale, x2, mask, CHECK)
         if NC > 3:
-            store_values(noisy_img + 3 * soc + out, tl.fma(z3, scale, x3), mask)
+            bad += _store_noisy(noisy_img + 3 * soc + out, z3, scale, x3, mask, CHECK)
+    if CHECK:
+        tl.store(bad_ptr + b, bad)
+
+
+@triton.jit
+def _store_noisy(ptr, z, scale, clean, mask, CHECK: tl.constexpr):
+    """Store ``x + scale z``; return how many stored values are not finite (``CHECK``)."""
+    noisy = tl.fma(z, scale, clean)
+    store_values(ptr, noisy, mask)
+    if CHECK:
+        return stored_nonfinite(ptr, noisy, mask)
+    else:
+        return 0
 
 
 @triton.jit
@@ -169,28 +198,31 @@ def _coefficients_kernel(coef_ptr, T_ptr, ids_ptr, cuts_ptr, std_ptr, seed, CQ: 
 @triton.jit
 def _add_noise(x_img, noisy_img, seed, id_lo, id_hi, scale, n_tiles, n_tiles_x, C, H, W,
                sxc, sxh, sxw, soc, soh, sow, BH: tl.constexpr, BW: tl.constexpr,
-               FAST: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
-    """Write ``x + scale * z`` on every tile of the image."""
+               FAST: tl.constexpr, EVEN: tl.constexpr, CHECK: tl.constexpr):  # fmt: skip
+    """Write ``x + scale * z`` on every tile of the image; return how many stored values are
+    not finite (``CHECK``)."""
+    bad = tl.full((), 0, tl.int32)
     for t in range(0, n_tiles):
         ys, xs, x_start, mask = _tile(t, n_tiles_x, H, W, BH, BW, EVEN)
         for c in range(C):
             clean = tl.load(x_img + c * sxc + ys * sxh + xs * sxw, mask=mask, other=0)
             z = noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW, FAST)
-            store_values(
-                noisy_img + c * soc + ys * soh + xs * sow,
-                tl.fma(z, scale, clean.to(tl.float32)),
-                mask,
-            )
+            bad += _store_noisy(noisy_img + c * soc + ys * soh + xs * sow, z, scale,
+                                clean.to(tl.float32), mask, CHECK)  # fmt: skip
+    return bad
 
 
 @triton.jit
 def _warp_kernel(x_ptr, tau_ptr, noisy_ptr, part_ptr, count_ptr, coef_ptr, ids_ptr, sx_ptr,
-                 sy_ptr, seed, sigma, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+                 sy_ptr, bad_ptr, seed, sigma, C, H, W, sxb, sxc, sxh, sxw, sob, soc, soh, sow,
                  n_tiles_x, n_tiles, G, CUT: tl.constexpr, CQ: tl.constexpr, CP: tl.constexpr,
                  GP: tl.constexpr,
                  BH: tl.constexpr, BW: tl.constexpr, NEAREST: tl.constexpr,
-                 NOISE: tl.constexpr, FAST: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
-    """Field, warp and noise of image ``pid // G`` on its tiles ``pid % G``, ``+ G``, ..."""
+                 NOISE: tl.constexpr, FAST: tl.constexpr, EVEN: tl.constexpr,
+                 CHECK: tl.constexpr):  # fmt: skip
+    """Field, warp and noise of image ``pid // G`` on its tiles ``pid % G``, ``+ G``, ...;
+    with ``CHECK`` the count of non-finite values read or written is added to
+    ``bad_ptr[b]`` (one atomic per program)."""
     pid = tl.program_id(0)
     b = pid // G
     g = pid % G
@@ -200,6 +232,7 @@ def _warp_kernel(x_ptr, tau_ptr, noisy_ptr, part_ptr, count_ptr, coef_ptr, ids_p
     noisy_img = noisy_ptr + b.to(tl.int64) * sob
     d2 = tl.zeros((BH, BW // 4, 4), tl.float32)
     z2 = tl.zeros((BH, BW // 4, 4), tl.float32)
+    bad = tl.full((), 0, tl.int32)
     for t in range(g, n_tiles, G):
         ys, xs, x_start, mask = _tile(t, n_tiles_x, H, W, BH, BW, EVEN)
         dx, dy = _field(coef_ptr, b, sx_ptr, sy_ptr, ys, xs, H, W, CUT, CQ, CP)
@@ -209,11 +242,14 @@ def _warp_kernel(x_ptr, tau_ptr, noisy_ptr, part_ptr, count_ptr, coef_ptr, ids_p
             src = x_img + c * sxc
             value = _sample(src, o00, o01, o10, o11, wx, wy, mask, NEAREST, CP <= 16)
             store_values(tau_img + c * soc + out, value, mask)
-            if NOISE != 0:
+            if NOISE != 0 or CHECK:
                 clean = tl.load(src + ys * sxh + xs * sxw, mask=mask, other=0).to(tl.float32)
+            if CHECK:
+                bad += nonfinite(clean, mask) + stored_nonfinite(tau_img, value, mask)
+            if NOISE != 0:
                 z = noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW, FAST)
                 if NOISE == 1:
-                    store_values(noisy_img + c * soc + out, tl.fma(z, sigma, clean), mask)
+                    bad += _store_noisy(noisy_img + c * soc + out, z, sigma, clean, mask, CHECK)
                 else:
                     d2, z2 = _squares(value, clean, z, d2, z2, mask)
     if NOISE == 2:
@@ -230,5 +266,8 @@ def _warp_kernel(x_ptr, tau_ptr, noisy_ptr, part_ptr, count_ptr, coef_ptr, ids_p
             d2_all = tl.sum(d2s.to(tl.float64))
             z2_all = tl.sum(z2s.to(tl.float64))
             scale = (tl.sqrt(d2_all) / tl.sqrt(z2_all)).to(tl.float32)
-            _add_noise(x_img, noisy_img, seed, id_lo, id_hi, scale, n_tiles, n_tiles_x, C, H,
-                       W, sxc, sxh, sxw, soc, soh, sow, BH, BW, FAST, EVEN)  # fmt: skip
+            bad += _add_noise(x_img, noisy_img, seed, id_lo, id_hi, scale, n_tiles, n_tiles_x,
+                              C, H, W, sxc, sxh, sxw, soc, soh, sow, BH, BW, FAST, EVEN,
+                              CHECK)  # fmt: skip
+    if CHECK:
+        tl.atomic_add(bad_ptr + b, bad)

@@ -35,8 +35,8 @@ from torch.library import wrap_triton
 
 from diffeo_engine.kernels.field import drawn_modes, padded_modes, tables
 from diffeo_engine.kernels.fused import _coefficients_kernel, _resident_kernel, _warp_kernel
+from diffeo_engine.kernels.outputs import outputs
 from diffeo_engine.physics import check_cut
-from diffeo_engine.reference import memory_format_of
 
 __all__ = [
     "KERNEL_DTYPES",
@@ -116,51 +116,6 @@ def _shared_tables(images: torch.Tensor, cut: int) -> tuple[torch.Tensor, ...]:
     return tables(H, W, cut, images.device)
 
 
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    """Bytes ``[start, end)`` a tensor's elements occupy in its storage."""
-    if t.numel() == 0:
-        return 0, 0
-    lo = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st < 0)
-    hi = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if st > 0)
-    start = t.data_ptr() + lo * t.element_size()
-    return start, t.data_ptr() + (hi + 1) * t.element_size()
-
-
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory ranges of ``a`` and ``b`` intersect (conservative: interleaved
-    but disjoint views count as overlapping)."""
-    if a.device != b.device or a.device.type == "meta":
-        return False
-    (a0, a1), (b0, b1) = _span(a), _span(b)
-    return a0 < b1 and b0 < a1
-
-
-def _outputs(images, out_dtype, noise, out):
-    if out is None:
-        fmt = memory_format_of(images)
-        tau = torch.empty(images.shape, dtype=out_dtype, device=images.device, memory_format=fmt)
-        noisy = None if noise is None else torch.empty_like(tau)
-        return tau, noisy
-    tau, noisy = out
-    for name, buf in (("out[0]", tau), ("out[1]", noisy)):
-        if buf is None:
-            if name == "out[1]" and noise is None:
-                continue
-            raise ValueError(f"{name}: expected an output buffer, got None")
-        if buf.shape != images.shape or buf.dtype != out_dtype or buf.device != images.device:
-            raise ValueError(
-                f"{name}: expected a {out_dtype} tensor of shape {tuple(images.shape)} on "
-                f"{images.device}, got {buf.dtype} {tuple(buf.shape)} on {buf.device}"
-            )
-        if _overlap(buf, images):
-            raise ValueError(f"{name}: expected a buffer whose memory does not overlap the images")
-    if noisy is not None and noisy.stride() != tau.stride():
-        raise ValueError("out: expected both buffers to have the same strides")
-    if noisy is not None and _overlap(noisy, tau):
-        raise ValueError("out: expected two buffers whose memory does not overlap each other")
-    return tau, noisy
-
-
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch exactly as :func:`perturb` makes it: ``kernel[grid](*args, **kwargs)``.
@@ -189,6 +144,7 @@ def launches(
     noise: str | float | None,
     interp: str,
     cuts: torch.Tensor | None = None,
+    nonfinite: torch.Tensor | None = None,
     programs_per_image: int | None = None,
 ) -> list[Launch]:
     """The launches that compute ``tau`` (and ``noisy``) from ``images``: the one place the
@@ -197,7 +153,9 @@ def launches(
     Nothing here depends on the device: ``G`` (programs per image) is the image's tile
     count unless ``programs_per_image`` forces it, so the matched-noise norms are summed in
     the same order on every GPU and at every batch size. ``cut`` sizes the work (the
-    batch's largest); ``cuts``, one per image, masks each image's own disc.
+    batch's largest); ``cuts``, one per image, masks each image's own disc. ``nonfinite``
+    (int32, one per image, zeroed) receives the count of non-finite values the kernels read
+    or write, in their own pass over the images; None: no check is compiled in.
     """
     _check_programs(programs_per_image)
     B, C, H, W = images.shape
@@ -209,6 +167,8 @@ def launches(
     sigma = float(noise) if mode == NOISE_SIGMA else 0.0
     sx, sy, std = _shared_tables(images, cut)
     noisy_arg = tau if noisy is None else noisy
+    check = nonfinite is not None
+    bad = ids if nonfinite is None else nonfinite  # any pointer when unused
     options = dict(num_warps=RESIDENT_WARPS, enable_fp_fusion=False)
     fast = os.environ.get("TRITON_INTERPRET") != "1"  # the interpreter has no approximations
     coef = torch.empty((B, 2, CQ, CQ), dtype=torch.float32, device=images.device)
@@ -224,10 +184,10 @@ def launches(
             Launch(
                 _resident_kernel,
                 (B,),
-                (images, tau, noisy_arg, coef, ids, sx, sy, seed, sigma, H, W,
+                (images, tau, noisy_arg, coef, ids, sx, sy, bad, seed, sigma, H, W,
                  *images.stride(), *tau.stride()),
                 dict(NC=C, CUT=cut, CQ=CQ, CP=CP, BH=BH, BW=BW, NEAREST=interp == "nearest",
-                     NOISE=mode, FAST=fast, EVEN=H == BH and W == BW, **options),
+                     NOISE=mode, FAST=fast, EVEN=H == BH and W == BW, CHECK=check, **options),
                 (),
             ),
         ]  # fmt: skip
@@ -250,11 +210,11 @@ def launches(
         Launch(
             _warp_kernel,
             (B * G,),
-            (images, tau, noisy_arg, part, count, coef, ids, sx, sy, seed, sigma, C, H, W,
-             *images.stride(), *tau.stride(), n_tiles_x, n_tiles, G),
+            (images, tau, noisy_arg, part, count, coef, ids, sx, sy, bad, seed, sigma, C, H,
+             W, *images.stride(), *tau.stride(), n_tiles_x, n_tiles, G),
             dict(CUT=cut, CQ=CQ, CP=CP, GP=triton.next_power_of_2(G), BH=BH, BW=BW,
                  NEAREST=interp == "nearest", NOISE=mode, FAST=fast,
-                 EVEN=H % BH == 0 and W % BW == 0,
+                 EVEN=H % BH == 0 and W % BW == 0, CHECK=check,
                  **{**options, "num_warps": TILE_WARPS}),
             loops,
         ),
@@ -272,11 +232,16 @@ def perturb(
     interp: str,
     out_dtype: torch.dtype,
     cuts: torch.Tensor | None = None,
+    check: bool = True,
     out: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     programs_per_image: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the kernels: ``(tau x, x + eta, None)``, or ``(tau x, None, None)`` for
-    ``noise=None`` (the third place is for a per-image count of non-finite values).
+    """Launch the kernels: ``(tau x, x + eta or None, non-finite count per image or None)``.
+
+    With ``check`` the kernels count, per image, the NaN and inf values they read from the
+    images and the values they store that are not finite (an overflow of the output dtype),
+    in their own pass (no separate read of the images); the caller reads the count (one
+    small device-to-host copy) and says what is wrong. Without ``check`` nothing is counted.
 
     Arguments are already validated (``T`` float32 and ``ids`` int64, shape ``(B,)``, on
     the images' device); ``noise`` is ``None``, ``"matched"`` or a sigma. ``out`` gives
@@ -285,14 +250,20 @@ def perturb(
     summed in another order: equal to float32 rounding, not bit for bit).
     """
     check_launchable(images, cut)
-    tau, noisy = _outputs(images, out_dtype, noise, out)
+    tau, noisy = outputs(images, out_dtype, noise, out)
     if images.numel() == 0:
         return tau, noisy, None
+    plain = images.dtype == torch.uint8 and out_dtype == torch.uint8  # nothing to count
+    nonfinite = (
+        torch.zeros(images.shape[0], dtype=torch.int32, device=images.device)
+        if check and not plain
+        else None
+    )
     plan = launches(
         images, T.contiguous(), ids.contiguous(), tau, noisy, cut=cut, seed=seed, noise=noise,
-        interp=interp, cuts=None if cuts is None else cuts.contiguous(),
+        interp=interp, cuts=None if cuts is None else cuts.contiguous(), nonfinite=nonfinite,
         programs_per_image=programs_per_image,
     )  # fmt: skip
     for launch in plan:
         wrap_triton(launch.kernel)[launch.grid](*launch.args, **launch.kwargs)
-    return tau, noisy, None
+    return tau, noisy, nonfinite

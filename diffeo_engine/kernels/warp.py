@@ -76,3 +76,19 @@ def store_values(ptr, values, mask):
     if ptr.dtype.element_ty == tl.uint8:
         values = tl.minimum(tl.maximum(tl.floor(values + 0.5), 0.0), 255.0)
     tl.store(ptr, values.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def nonfinite(values, mask):
+    """How many of the tile's values are NaN or inf (``|v| < inf`` is false for both)."""
+    return tl.sum((mask & ~(tl.abs(values) < float("inf"))).to(tl.int32))
+
+
+@triton.jit
+def stored_nonfinite(ptr, values, mask):
+    """How many values are not finite once stored in the buffer's dtype (an overflow of
+    float16 or bfloat16 shows only after the conversion; uint8 saturates: never)."""
+    if ptr.dtype.element_ty == tl.uint8:
+        return 0
+    else:
+        return nonfinite(values.to(ptr.dtype.element_ty).to(tl.float32), mask)
