@@ -37,13 +37,13 @@ One module per job: ``files`` (atomic writes, the lock, hashing, fault injection
 ``manifest`` (the manifest and its schema), ``plan`` (validation before anything is written,
 and the outputs' one computation), ``writer`` (the writer thread), ``run`` (:func:`generate`),
 ``dataset`` (:func:`load_generated`), ``verification`` (:func:`verify` and the one
-``Regenerator``), ``repair`` (:func:`repair`, ``verify --repair``), ``export``
+``Regenerator``), ``repair`` (:func:`repair`, ``verify --repair``), ``exports``
 (:func:`export`), ``command`` (the CLI).
 """
 
 from diffeo_engine.generate.command import add_commands
 from diffeo_engine.generate.dataset import GeneratedDataset, load_generated
-from diffeo_engine.generate.export import export
+from diffeo_engine.generate.exports import export
 from diffeo_engine.generate.files import FAULT_ENV
 from diffeo_engine.generate.manifest import (
     FORMAT,

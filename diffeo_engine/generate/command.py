@@ -17,7 +17,7 @@ import torch
 from diffeo_engine import ops
 from diffeo_engine.data.sources.safe import check_input_path
 from diffeo_engine.distributed import DistributedContext, DistributedError, distributed_session
-from diffeo_engine.generate.export import FORMATS, IMAGE_FORMATS, export
+from diffeo_engine.generate.exports import FORMATS, IMAGE_FORMATS, export
 from diffeo_engine.generate.manifest import DTYPES, MANIFEST
 from diffeo_engine.generate.plan import DEFAULT_BATCH_SIZE
 from diffeo_engine.generate.repair import repair
