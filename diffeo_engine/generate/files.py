@@ -20,11 +20,12 @@ import hashlib
 import io
 import os
 import signal
+import stat
 from pathlib import Path
 
 import numpy as np
 
-from diffeo_engine.data.sources.safe import npy_memmap, open_regular, sha256_regular
+from diffeo_engine.data.sources.safe import file_kind, npy_memmap, open_regular, sha256_regular
 
 __all__ = [
     "CHUNK",
@@ -172,7 +173,8 @@ def _lock(out: Path) -> int:
         return os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     for _ in range(100):
         try:
-            fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
+            flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | _NOFOLLOW
+            fd = os.open(out / LOCK, flags, 0o644)
         except OSError as error:
             if os.path.islink(out / LOCK):
                 raise ValueError(
@@ -182,6 +184,12 @@ def _lock(out: Path) -> int:
             raise OSError(
                 error.errno, f"out: cannot open {out / LOCK}: {error.strerror}"
             ) from error
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise ValueError(
+                f"out: {out / LOCK} is {file_kind(mode)}, not a regular file; remove it"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

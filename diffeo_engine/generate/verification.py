@@ -99,30 +99,31 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| in float64; NaN against NaN counts 0, NaN against a number inf."""
-    a, b = a.double(), b.double()
-    diff = (a - b).abs()
-    diff[a.isnan() & b.isnan()] = 0
-    diff[(a == b) & a.isinf()] = 0
-    return float(diff.nan_to_num(nan=float("inf")).max()) if diff.numel() else 0.0
-
-
-def _row_diffs(stored: torch.Tensor, new: torch.Tensor, exact: bool, dtype: str):
-    """Per row: ``(differs (bool tensor), max |diff| per row)``; exact compares the bytes."""
-    n = len(stored)
-    a, b = stored.reshape(n, -1), new.reshape(n, -1)
+def _worst(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row of ``(n, D)`` tensors: max |a - b| in float64 (NaN against NaN counts 0, NaN
+    against a number inf)."""
+    if a.shape[1] == 0:
+        return torch.zeros(len(a), dtype=torch.float64)
     diff = (a.double() - b.double()).abs()
     if a.is_floating_point():
         diff[a.isnan() & b.isnan()] = 0
         diff[(a == b) & a.isinf()] = 0
         diff = diff.nan_to_num(nan=float("inf"))
-    worst = diff.amax(dim=1) if diff.shape[1] else torch.zeros(n, dtype=torch.float64)
+    return diff.amax(dim=1)
+
+
+def _row_diffs(stored: torch.Tensor, new: torch.Tensor, exact: bool, dtype: str):
+    """Per row: ``(differs (bool tensor), max |diff| per row)``; exact compares the bytes
+    (and measures only the rows that differ)."""
+    n = len(stored)
+    a, b = stored.reshape(n, -1), new.reshape(n, -1)
     if exact:
-        size = a.element_size()
-        raw_a = a.contiguous().view(torch.uint8).reshape(n, -1) if size > 1 else a.view(torch.uint8)
-        raw_b = b.contiguous().view(torch.uint8).reshape(n, -1) if size > 1 else b.view(torch.uint8)
-        return (raw_a != raw_b).any(dim=1), worst
+        differs = (a.contiguous().view(torch.uint8) != b.contiguous().view(torch.uint8)).any(dim=1)
+        worst = torch.zeros(n, dtype=torch.float64)
+        if bool(differs.any()):
+            worst[differs] = _worst(a[differs], b[differs])
+        return differs, worst
+    worst = _worst(a, b)
     if dtype == "uint8":
         return worst > 1, worst
     scale = b.double().abs().nan_to_num(posinf=0, neginf=0).amax(dim=1).clamp(min=1.0)
@@ -188,7 +189,10 @@ class Regenerator:
         self._source: ImageSource | None = None
 
     def source(self) -> tuple[ImageSource | None, str | None]:
-        """``(source, None)``, or ``(None, problem)`` when it no longer is the run's."""
+        """``(source, None)``, or ``(None, problem)`` when it no longer is the run's: its
+        description (kind, length, shape, dtype, resize, fingerprint, labels) differs from
+        the manifest's (format 1's sampled fingerprint and formats 1-2's lack of labels
+        excepted)."""
         if self._source is not None:
             return self._source, None
         manifest, source = self.manifest, self._given
@@ -203,19 +207,21 @@ class Regenerator:
             source = open_source(source, resize=tuple(resize) if resize else None, labels=labels)
         elif labels is not None:
             source.attach_labels(labels)
-        if manifest["format_version"] >= 2 and source.fingerprint() != (
-            want := manifest["source"]["fingerprint"]
-        ):
-            return None, (
-                f"the source {source.spec} has fingerprint {source.fingerprint()}, the run's "
-                f"was {want}: it changed; nothing regenerated"
-            )
-        found = None if source.labels is None else source.labels.describe()
-        if manifest["format_version"] >= 3 and found != recorded:
-            return None, (
-                f"the labels of {source.spec} are {found}, the run's were {recorded}: they "
-                "changed; nothing regenerated"
-            )
+        version = manifest["format_version"]
+        skip = (
+            {"spec"}
+            | ({"labels"} if version < 3 else set())
+            | ({"fingerprint"} if version < 2 else set())
+        )
+        recorded_source = {k: v for k, v in manifest["source"].items() if k not in skip}
+        found = {k: v for k, v in source.describe().items() if k not in skip}
+        for key in sorted(set(found) | set(recorded_source)):
+            if found.get(key) != recorded_source.get(key):
+                return None, (
+                    f"the source {source.spec} changed since the run: its {key} is "
+                    f"{found.get(key)!r}, the run's was {recorded_source.get(key)!r}; nothing "
+                    "regenerated"
+                )
         self._source = source
         return source, None
 
