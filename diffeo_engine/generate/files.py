@@ -16,6 +16,7 @@ shard, the next not begun). Never set the variable otherwise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -141,7 +142,12 @@ def npy_header(shape, dtype) -> bytes:
 
 def npy_size(shape, dtype) -> int:
     """The exact length of a ``.npy`` file written by this module."""
-    count = int(np.prod(shape, dtype=object)) if len(shape) else 1
+    return _npy_size(tuple(int(n) for n in shape), np.dtype(dtype).str)
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_size(shape: tuple[int, ...], dtype: str) -> int:
+    count = int(np.prod(shape, dtype=object)) if shape else 1
     return len(npy_header(shape, dtype)) + count * np.dtype(dtype).itemsize
 
 
