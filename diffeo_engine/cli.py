@@ -33,6 +33,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "diffeo_engine.generate", "add_commands", "write a perturbed data set as shards"
     ),
     "verify": ("diffeo_engine.generate", "add_commands", "check a generated data set"),
+    "export": (
+        "diffeo_engine.generate", "add_commands", "export a data set as CIFAR-C or WebDataset"
+    ),
     "bench": (
         "diffeo_engine.benchmark", "add_command", "benchmark against grid_sample pipelines"
     ),
@@ -40,7 +43,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 # What each command's --out names: a folder, a file, or either (checked before any work).
 OUT_KIND = {
-    "reproduce": "folder", "sensitivity": "folder", "generate": "folder",
+    "reproduce": "folder", "sensitivity": "folder", "generate": "folder", "export": "folder",
     "demo": "picture", "show": "picture", "bench": "any",
 }  # fmt: skip
 PICTURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")

@@ -35,7 +35,7 @@ from diffeo_engine.physics import (
     check_T,
 )
 
-__all__ = ["BACKENDS", "deform", "perturb"]
+__all__ = ["BACKENDS", "deform", "perturb", "resolved_backend"]
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 
@@ -94,9 +94,19 @@ def _implementation(images: torch.Tensor, backend: str) -> str:
         if cpu_kernel() is None:
             raise ValueError("backend: 'cpu' needs numba, which does not import here")
         return "cpu"
+    return resolved_backend(images.device, images.dtype, backend)
+
+
+def resolved_backend(device: torch.device | str, dtype: torch.dtype, backend: str = "auto") -> str:
+    """What a call on images of this device and dtype runs: ``"triton"``, ``"cpu"`` or
+    ``"torch"`` (a forced backend is itself; ``"auto"`` as described above). Generated data
+    sets record it beside each shard."""
+    if _check_backend(backend) != "auto":
+        return backend
+    device = torch.device(device).type
     if device == "cuda":
         return "triton"
-    if device == "cpu" and images.dtype != torch.float64 and cpu_kernel() is not None:
+    if device == "cpu" and dtype != torch.float64 and cpu_kernel() is not None:
         return "cpu"
     return "torch"
 

@@ -65,7 +65,12 @@ class FoldingWarning(UserWarning):
 
 class OutputOverflowError(ValueError):
     """Finite images whose perturbation overflows the output dtype (see
-    :func:`check_overflow`); a ``ValueError``, raised before anything is returned."""
+    :func:`check_overflow`); a ``ValueError``, raised before anything is returned.
+    ``image``: the index in the batch of the first such image."""
+
+    def __init__(self, message: str, image: int = 0) -> None:
+        super().__init__(message)
+        self.image = image
 
 
 class CutWarning(UserWarning):
@@ -349,7 +354,8 @@ def check_overflow(images: torch.Tensor, out: torch.Tensor, name: str = "images"
         f"{name}: the perturbation of image {first} overflows "
         f"{str(out.dtype).replace('torch.', '')} (largest finite value {limit:.4g}; largest "
         f"input magnitude {float(images[first].abs().max()):.4g}); scale the images down or "
-        "ask for a wider out_dtype"
+        "ask for a wider out_dtype",
+        image=first,
     )
 
 

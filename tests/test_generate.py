@@ -100,8 +100,7 @@ def _direct(source: Path, ids, noise="matched", dtype=torch.uint8, interp="bilin
 def test_reference_run_matches_ops_directly(reference, source):
     manifest = read_manifest(reference)
     assert manifest["parameters"] == {
-        "T": T,
-        "cut": CUT,
+        "settings": [{"T": T, "cut": CUT}],
         "per_image": K,
         "seed": SEED,
         "noise": "matched",
@@ -513,7 +512,7 @@ def test_add_commands_registers_both():
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["generate", "--input", "x.npy", "--out", "o", "--T", "0.1"])
-    assert (args.command, args.T, args.cut, args.batch_size) == ("generate", 0.1, None, None)
+    assert (args.command, args.T, args.cut, args.batch_size) == ("generate", [0.1], None, None)
     assert args.run is gen.command._run_generate
     args = parser.parse_args(["verify", "o", "--sample", "3"])
     assert (args.dir, args.sample, args.run) == ("o", 3, gen.command._run_verify)

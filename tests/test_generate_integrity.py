@@ -139,7 +139,10 @@ def _set(path, value):
         (_set(["complete"], False), "field complete: expected True"),
         (_set(["kinds"], ["tau"]), "field kinds: expected"),
         (_set(["parameters", "per_image"], 2), "field total_images: expected 20"),
-        (_set(["parameters", "T"], float("nan")), r"field parameters\.T: expected a finite"),
+        (
+            _set(["parameters", "settings", 0, "T"], float("nan")),
+            r"field parameters\.settings\[0\]\.T: expected a finite",
+        ),
         (_set(["shards", 0, "files", "tau", "sha256"], "00"), r"tau\.sha256: expected 64"),
         (_set(["shards", 3, "files", "tau", "shape"], [6, 3, 9, 9]), r"tau\.shape: expected"),
         (_set(["execution", "backend"], "magic"), r"field execution\.backend: expected one"),
@@ -151,13 +154,47 @@ def test_tampered_manifest_is_refused_naming_the_field(source, reference, tmp_pa
     _refused_everywhere(out, source, field)
 
 
-def test_manifest_format_1_is_read_not_resumed(source, reference, tmp_path):
+def _as_format(version: int):
+    """A format-3 manifest of one setting and no labels rewritten as format 1 or 2 wrote it."""
+
+    def change(manifest):
+        assert manifest["source"].pop("labels") is None
+        params = manifest["parameters"]
+        (setting,) = params.pop("settings")
+        manifest["parameters"] = {"T": setting["T"], "cut": setting["cut"], **params}
+        manifest["format_version"] = version
+        manifest["ids"] = "id = source_index * per_image + k, k in [0, per_image)"
+        K = params["per_image"]
+        for i, shard in enumerate(manifest["shards"]):
+            lo, hi = shard["id_start"], shard["id_stop"]
+            manifest["shards"][i] = {
+                "index": shard["index"], "id_start": lo, "id_stop": hi,
+                "source_start": lo // K, "source_stop": (hi - 1) // K + 1,
+                **{k: shard[k] for k in ("backend", "device", "batch_size", "files")},
+            }  # fmt: skip
+
+    return change
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_manifest_formats_are_read_and_verified_not_resumed(
+    source, reference, tmp_path, version
+):
     out = _copy(reference, tmp_path)
-    _edit_manifest(out, _set(["format_version"], 1))
-    assert len(load_generated(out)) == 30
+    _edit_manifest(out, _as_format(version))
+    data = load_generated(out, check=True)
+    assert len(data) == 30 and torch.equal(data[7]["tau"], load_generated(reference)[7]["tau"])
+    assert (data[7]["setting"], data[7]["T"], data[7]["cut"]) == (0, T, CUT)
     assert verify(out, sample=4).ok  # regenerated from the source as it is
-    with pytest.raises(ValueError, match="manifest format 1.*not resumed"):
-        generate(source, out, **ARGS)
+    assert verify(out, full=True).ok
+    before = _state(out)
+    for call in (lambda: generate(source, out, **ARGS), lambda: gen.repair(out)):
+        with pytest.raises(ValueError, match=f"manifest format {version}.*not resumed or repaired"):
+            call()
+    assert _state(out) == before
+    _edit_manifest(out, _set(["parameters", "cut"], 0))  # the old schema is validated too
+    with pytest.raises(ValueError, match=r"field parameters\.cut: expected an integer in"):
+        load_generated(out)
     _edit_manifest(out, _set(["format_version"], 7))
     with pytest.raises(ValueError, match="format_version 7, this library reads"):
         load_generated(out)
@@ -263,10 +300,21 @@ def test_absurd_noise_is_refused_naming_the_flag(source, tmp_path, capsys):
 
 def test_outputs_that_overflow_are_never_written(source, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"dtype: outputs of ids 0\.\.7 overflow float32"):
+    # every image overflows: found on the first image, before anything is written
+    with pytest.raises(ValueError, match=r"dtype: the outputs of source image 0 .*overflow"):
         generate(source, out, **ARGS, noise=3e38, dtype="float32")
-    assert not list(out.glob("*.npy")) and read_manifest(out)["shards"] == []
-    assert not (out / ".lock").exists()
+    assert not out.exists()
+    # only image 5 overflows: found in the first shard, whose run is then removed whole
+    images = _images(8, seed=6).astype(np.float32)
+    images[5] *= np.float32(3.3e38 / 255)
+    path = _float_source(tmp_path, images)
+    with pytest.raises(ValueError, match=r"dtype: outputs of ids 0\.\.23 overflow float32"):
+        generate(path, out, **{**ARGS, "shard_size": 30}, noise=1e37, dtype="float32")
+    assert not out.exists()  # the folder as it was found: absent
+    out.mkdir()
+    with pytest.raises(ValueError, match="overflow float32"):
+        generate(path, out, **{**ARGS, "shard_size": 30}, noise=1e37, dtype="float32")
+    assert list(out.iterdir()) == []  # an empty folder stays, empty
 
 
 # ------------------------------------------------- item 7: floats in [0, 1] to uint8
@@ -309,14 +357,14 @@ def test_absurd_per_image_is_refused_before_allocating(source, tmp_path):
 
 def test_unreadable_shard_is_a_problem_not_a_traceback(reference, tmp_path, monkeypatch):
     out = _copy(reference, tmp_path)
-    real = gen.verification._sha256
+    real = gen.files.open_regular
 
-    def denied(path):
-        if path.name == "noisy-00001.npy":
+    def denied(path, *args, **kwargs):
+        if Path(path).name == "noisy-00001.npy":
             raise PermissionError(13, "Permission denied", str(path))
-        return real(path)
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(gen.verification, "_sha256", denied)
+    monkeypatch.setattr(gen.files, "open_regular", denied)
     report = verify(out, sample=4)
     assert report.problems == ["noisy-00001.npy: cannot read it: Permission denied"]
 
@@ -379,7 +427,8 @@ def test_repair_rewrites_damaged_and_missing_shards(source, reference, tmp_path,
         generate(source, out, **ARGS)
     assert main(["verify", str(out), "--repair", "--quiet", "--sample", "30"]) == 0
     printed = capsys.readouterr().out
-    assert "tau-00001.npy: sha256 differs" in printed and "noisy-00003.npy: missing" in printed
+    assert "tau-00001.npy: sha256 differs" in printed
+    assert "noisy-00003.npy: listed in the manifest but missing" in printed
     assert printed.rstrip().endswith("OK")
     assert _snapshot(out) == _snapshot(reference)  # byte for byte, manifest included
     assert gen.repair(out) == []  # nothing left to repair

@@ -1,20 +1,28 @@
-"""Sharded, resumable writing of perturbed data sets (``diffeo-engine generate`` / ``verify``).
+"""Sharded, resumable writing of perturbed data sets (``diffeo-engine generate`` / ``verify``
+/ ``export``).
 
-Perturbation ``k`` of source image ``i`` has id ``i * K + k`` (``K = per_image``); its
-content depends only on ``(seed, id)`` (design.md section 3), so any image can be
-regenerated alone. Ids are cut into fixed-size shards, one ``.npy`` file per output kind
-(``tau-00000.npy``, ``noisy-00000.npy``; shape ``(n, C, H, W)``), memory-mappable.
+A run holds one or several ``(T, cut)`` settings; perturbation ``k`` of source image ``i`` at
+setting ``s`` has id ``(s * length + i) * K + k`` (``K = per_image``; with one setting
+``i * K + k``); its content depends only on ``(seed, id)`` and the setting (design.md
+section 3), so any image can be regenerated alone. Ids are cut into fixed-size shards, one
+``.npy`` file per output kind (``tau-00000.npy``, ``noisy-00000.npy``; shape
+``(n, C, H, W)``), memory-mappable, plus ``label-00000.npy`` (int64, the items' source
+labels) when the source has labels.
 
 Crash safety: a shard file is written under a hidden temporary name, fsynced and renamed;
 then ``manifest.json`` (parameters, seed, versions, source fingerprint, and per shard its id
 range, shape, dtype and sha256) is rewritten the same way (temporary file, fsync, rename,
 fsync of the directory). A shard exists for a reader only once the manifest lists it, so a
 run killed at any point resumes from the last listed shard, re-running the same command
-(or ``--resume``) and producing byte-identical files. The manifest holds no timestamps.
+(or ``--resume``) and producing byte-identical files. The manifest holds no timestamps. A
+run that fails before it lists a shard (a refused parameter included: every setting is
+tried on one image before the manifest is written) leaves ``out`` as it found it. Only
+regular files are read from a data set, never through a link.
 A ``.lock`` file (``flock``) keeps two processes from writing one directory at once; it
 is removed when ``generate`` returns or raises (an interrupt included). A damaged data set
 is repaired by :func:`repair` (``verify --repair``): its bad shards are forgotten, removed
-and written again.
+and written again; ``verify(full=True)`` regenerates every image and compares it byte
+for byte; :func:`export` writes the CIFAR-10-C layout or WebDataset tar shards.
 
 Under ``torchrun`` (``generate(..., distributed=ctx)``) rank 0 alone validates, holds the
 ``.lock`` for the whole job, cleans leftovers and writes the manifest; the shards still
@@ -28,12 +36,14 @@ several machines ``--out`` must be a directory every rank sees (a shared filesys
 One module per job: ``files`` (atomic writes, the lock, hashing, fault injection),
 ``manifest`` (the manifest and its schema), ``plan`` (validation before anything is written,
 and the outputs' one computation), ``writer`` (the writer thread), ``run`` (:func:`generate`),
-``dataset`` (:func:`load_generated`), ``verification`` (:func:`verify`), ``repair``
-(:func:`repair`, ``verify --repair``), ``command`` (the CLI).
+``dataset`` (:func:`load_generated`), ``verification`` (:func:`verify` and the one
+``Regenerator``), ``repair`` (:func:`repair`, ``verify --repair``), ``exports``
+(:func:`export`), ``command`` (the CLI).
 """
 
 from diffeo_engine.generate.command import add_commands
 from diffeo_engine.generate.dataset import GeneratedDataset, load_generated
+from diffeo_engine.generate.exports import export
 from diffeo_engine.generate.files import FAULT_ENV
 from diffeo_engine.generate.manifest import (
     FORMAT,
@@ -59,6 +69,7 @@ __all__ = [
     "VerifyReport",
     "add_commands",
     "check_manifest",
+    "export",
     "generate",
     "load_generated",
     "read_manifest",

@@ -1,14 +1,23 @@
-"""The ``generate`` and ``verify`` subcommands (registered by :func:`add_commands`)."""
+"""The ``generate``, ``verify`` and ``export`` subcommands (registered by :func:`add_commands`).
+
+Every path flag (``--input``, ``--labels``, ``--out``, ``DIR``) is checked before any work:
+an empty path, a missing one, a FIFO or device, an ``--out`` that is a file or (for
+``export``) already exists are refused in one line naming the flag.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 import torch
 
 from diffeo_engine import ops
+from diffeo_engine.data.sources.safe import check_input_path
 from diffeo_engine.distributed import DistributedContext, DistributedError, distributed_session
+from diffeo_engine.generate.exports import FORMATS, IMAGE_FORMATS, export
 from diffeo_engine.generate.manifest import DTYPES, MANIFEST
 from diffeo_engine.generate.plan import DEFAULT_BATCH_SIZE
 from diffeo_engine.generate.repair import repair
@@ -20,9 +29,10 @@ __all__ = ["add_commands"]
 DESCRIPTION = "Sharded, resumable writing of perturbed data sets."
 
 
-# the CLI spelling of generate's arguments, for its one-line errors
+# the CLI spelling of the Python arguments, for one-line errors
 FLAGS = {
     "input": "--input",
+    "labels": "--labels",
     "out": "--out",
     "T": "--T",
     "cut": "--cut",
@@ -39,16 +49,21 @@ FLAGS = {
     "resume": "--resume",
     "allow_nonfinite": "--allow-nonfinite",
 }
+# verify and export name the data set DIR and export's destination --out
+DIR_FLAGS = {
+    **FLAGS, "out": "DIR", "dest": "--out", "format": "--format", "image": "--image",
+    "sample": "--sample",
+}  # fmt: skip
 REQUIRED = ("input", "T", "cut", "per_image", "seed")
 
 
-def _cli_spelling(error: Exception) -> Exception:
+def _cli_spelling(error: Exception, flags: dict[str, str] = FLAGS) -> Exception:
     """The same error with its leading argument names (``per_image: ...``) as flags."""
     head, sep, rest = str(error).partition(": ")
     names = head.split(", ")
-    if not sep or not all(name in FLAGS for name in names):
+    if not sep or not all(name in flags for name in names):
         return error
-    return type(error)(", ".join(FLAGS[name] for name in names) + ": " + rest)
+    return type(error)(", ".join(flags[name] for name in names) + ": " + rest)
 
 
 def _parse_noise(text: str) -> str | float:
@@ -62,7 +77,89 @@ def _parse_noise(text: str) -> str | float:
         ) from None
 
 
+# ---------------------------------------------------------------------- path flags
+
+
+def _nonempty(value: str, flag: str) -> str:
+    if value == "":
+        raise ValueError(f"{flag}: expected a path, got '' (write '.' for this folder)")
+    return value
+
+
+def check_input_flag(spec: str, flag: str = "--input") -> None:
+    """An input spec names an existing folder or regular file (``torchvision:`` specs are
+    checked by torchvision)."""
+    _nonempty(spec, flag)
+    if spec.startswith("torchvision:"):
+        return
+    if spec.startswith("cifar10:"):
+        root = spec[len("cifar10:") :]
+        head, sep, tail = root.rpartition(":")
+        root = head if sep and tail in ("train", "test") and head else root
+        path = check_input_path(_nonempty(root, flag), flag)
+        if not path.is_dir():
+            raise NotADirectoryError(f"{flag}: {path} is not a folder (cifar10:DIR)")
+        return
+    path = Path(spec).expanduser()
+    if not path.exists() and ".npz:" in spec:
+        path = Path(spec.rpartition(":")[0]).expanduser()
+    check_input_path(path, flag)
+
+
+def check_labels_flag(labels: str, input_spec: str | None) -> None:
+    """``--labels``: an existing regular file (``FILE.npz:KEY`` too), or the KEY of an
+    ``.npz`` input."""
+    _nonempty(labels, "--labels")
+    path = Path(labels).expanduser()
+    if not path.exists() and not path.is_symlink() and ".npz:" in labels:
+        path = Path(labels.rpartition(":")[0]).expanduser()
+    npz_input = input_spec is not None and ".npz" in input_spec.lower()
+    if not path.exists() and not path.is_symlink() and npz_input:
+        return  # a KEY of the input archive, looked up when it is opened
+    path = check_input_path(path, "--labels")
+    if path.is_dir():
+        raise IsADirectoryError(f"--labels: {path} is a folder; expected a labels file")
+
+
+def check_dir_flag(value: str, flag: str = "DIR") -> None:
+    """A data set folder: exists and is a folder (its manifest is read by the command)."""
+    path = Path(_nonempty(value, flag))
+    if not path.exists():
+        raise FileNotFoundError(f"{flag}: no such folder: {path}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{flag}: {path} is not a folder (expected a generated data set)")
+
+
+def check_out_folder(value: str) -> None:
+    """generate's ``--out``: a folder, or a new path whose nearest existing parent is a
+    writable folder."""
+    _nonempty(value, "--out")
+    path = Path(value)
+    if path.is_symlink() and not path.is_dir():
+        raise NotADirectoryError(f"--out: {path} is a link to something that is not a folder")
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--out: {path} exists and is not a folder (expected a folder)")
+
+
+def _check_generate_paths(args: argparse.Namespace) -> None:
+    check_out_folder(args.out)
+    if args.input is not None:
+        check_input_flag(args.input)
+    if args.labels is not None:
+        if args.no_labels:
+            raise ValueError("--labels: give either --labels FILE or --no-labels")
+        check_labels_flag(args.labels, args.input)
+
+
+# ------------------------------------------------------------------------- generate
+
+
+def _labels_argument(args: argparse.Namespace):
+    return False if args.no_labels else args.labels
+
+
 def _run_generate(args: argparse.Namespace) -> int:
+    _check_generate_paths(args)
     if not args.resume:
         missing = [FLAGS[name] for name in REQUIRED if getattr(args, name) is None]
         if missing:
@@ -88,6 +185,7 @@ def _generate_rank(args: argparse.Namespace, ctx: DistributedContext, noise) -> 
             args.out,
             T=args.T,
             cut=args.cut,
+            labels=_labels_argument(args),
             per_image=args.per_image,
             seed=args.seed,
             noise=noise,
@@ -110,32 +208,77 @@ def _generate_rank(args: argparse.Namespace, ctx: DistributedContext, noise) -> 
         return 1
     if not ctx.is_main:
         return 0
+    settings = len(manifest["parameters"]["settings"])
+    extra = f", {settings} settings" if settings > 1 else ""
+    extra += ", labelled" if manifest["source"]["labels"] is not None else ""
     print(
         f"{manifest['total_images']} images in {manifest['n_shards']} shards "
-        f"({', '.join(manifest['kinds'])}) in {args.out}; see {MANIFEST}"
+        f"({', '.join(manifest['kinds'])}{extra}) in {args.out}; see {MANIFEST}"
     )
     return 0
 
 
+# --------------------------------------------------------------------------- verify
+
+
 def _run_verify(args: argparse.Namespace) -> int:
-    if args.repair:
-        try:
-            found = repair(
-                args.dir, source=args.input, device=args.device, backend=args.backend,
-                progress=not args.quiet,
-            )  # fmt: skip
-        except (ValueError, TypeError, FileNotFoundError) as error:
-            raise _cli_spelling(error) from error
-        print(f"repaired: {'; '.join(found)}" if found else "repair: no damaged shard found")
-    report = verify(
-        args.dir, args.sample, source=args.input, device=args.device, backend=args.backend
-    )
+    check_dir_flag(args.dir)
+    if args.input is not None:
+        check_input_flag(args.input)
+    if args.labels is not None:
+        check_labels_flag(args.labels, args.input)
+    common = dict(source=args.input, labels=args.labels, device=args.device, backend=args.backend)
+    try:
+        if args.full:
+            report = verify(args.dir, full=True, progress=not args.quiet, **common)
+            if args.repair:
+                print(report.summary())
+                if report.ok:
+                    return 0
+                found = repair(
+                    args.dir, shards=report.bad_shards, progress=not args.quiet, **common
+                )
+                print(f"repaired: {'; '.join(found)}" if found else "repair: nothing to rewrite")
+                report = verify(
+                    args.dir, full=True, shards=report.bad_shards, progress=False, **common
+                )
+        else:
+            if args.repair:
+                found = repair(args.dir, progress=not args.quiet, **common)
+                print(
+                    f"repaired: {'; '.join(found)}" if found else "repair: no damaged shard found"
+                )
+            report = verify(args.dir, args.sample, **common)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise _cli_spelling(error, DIR_FLAGS) from error
     print(report.summary())
     return 0 if report.ok else 1
 
 
+# --------------------------------------------------------------------------- export
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    check_dir_flag(args.dir)
+    _nonempty(args.out, "--out")
+    if os.path.lexists(args.out):
+        raise FileExistsError(f"--out: {args.out} exists; an export never overwrites")
+    try:
+        info = export(
+            args.dir, args.out, format=args.format, image=args.image, progress=not args.quiet
+        )
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as error:
+        raise _cli_spelling(error, DIR_FLAGS) from error
+    count = info.get("rows", info.get("samples"))
+    print(f"exported {count} images of {args.dir} as {args.format} to {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------- parsers
+
+
 def add_commands(subparsers) -> None:
-    """Register ``generate`` and ``verify`` on an argparse ``subparsers`` object."""
+    """Register ``generate``, ``verify`` and ``export`` on an argparse ``subparsers``."""
     p = subparsers.add_parser(
         "generate",
         help="write perturbed copies of a data set to resumable shards",
@@ -145,13 +288,26 @@ def add_commands(subparsers) -> None:
     need.add_argument(
         "--input",
         default=None,
-        help="SRC: .npy, .npz[:KEY], image folder, IDX file, torchvision:NAME:ROOT",
+        help="SRC: .npy, .npz[:KEY], image folder, IDX file, CIFAR-10 .bin or cifar10:DIR[:SPLIT], "
+        "torchvision:NAME:ROOT",
     )
-    need.add_argument("--T", type=float, default=None, help="temperature")
-    need.add_argument("--cut", type=int, default=None, help="high-frequency cut-off")
+    need.add_argument(
+        "--T", type=float, nargs="+", default=None, help="temperature(s): one setting per T"
+    )
+    need.add_argument(
+        "--cut", type=int, nargs="+", default=None, help="cut-off(s): every T with every cut"
+    )
     need.add_argument("--per-image", type=int, default=None, help="K perturbations per image")
     need.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", required=True, help="output directory (required)")
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="FILE|KEY",
+        help="labels: .npy, IDX or FILE.npz:KEY, or an .npz input's KEY (default: the "
+        "source's own -- MNIST's labels file beside it, CIFAR-10 records, class sub-folders)",
+    )
+    p.add_argument("--no-labels", action="store_true", help="store no labels")
     p.add_argument("--noise", default=None, help="matched (default) | none | SIGMA")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default uint8")
     p.add_argument(
@@ -183,17 +339,39 @@ def add_commands(subparsers) -> None:
     p.set_defaults(run=_run_generate)
 
     v = subparsers.add_parser(
-        "verify", help="re-hash a generated data set and regenerate a sample of its ids"
+        "verify", help="re-hash a generated data set and regenerate its ids (a sample, or all)"
     )
     v.add_argument("dir", metavar="DIR")
     v.add_argument("--sample", type=int, default=16, help="ids to regenerate (0: hash only)")
+    v.add_argument(
+        "--full",
+        action="store_true",
+        help="regenerate every image and compare byte for byte, naming each that differs",
+    )
     v.add_argument("--input", default=None, help="the source, if it moved")
+    v.add_argument("--labels", default=None, metavar="FILE", help="the labels file, if it moved")
     v.add_argument("--device", default=None, help="default: the run's, if available")
     v.add_argument("--backend", default=None, choices=ops.BACKENDS, help="default: the run's")
     v.add_argument(
         "--repair",
         action="store_true",
-        help="first rewrite every damaged or missing shard (and finish an incomplete run)",
+        help="rewrite every damaged or missing shard (with --full: every shard that differs "
+        "from its regeneration) and finish an incomplete run",
     )
-    v.add_argument("--quiet", action="store_true", help="no progress bar while repairing")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(run=_run_verify)
+
+    e = subparsers.add_parser(
+        "export", help="write a generated data set as CIFAR-10-C arrays or WebDataset tars"
+    )
+    e.add_argument("dir", metavar="DIR")
+    e.add_argument("--format", required=True, choices=FORMATS)
+    e.add_argument("--out", required=True, help="a new folder (never overwritten)")
+    e.add_argument(
+        "--image",
+        default=None,
+        choices=IMAGE_FORMATS,
+        help="webdataset images: png (default for uint8) or npy",
+    )
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(run=_run_export)

@@ -9,30 +9,51 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffeo_engine.generate.files import _sha256
-from diffeo_engine.generate.manifest import read_manifest
+from diffeo_engine.data.sources import ImageSource
+from diffeo_engine.generate.files import ShardFileProblem, open_listed
+from diffeo_engine.generate.manifest import LABEL, check_out_path, read_manifest
+from diffeo_engine.generate.plan import Recipe
+from diffeo_engine.generate.verification import Regenerator
 
-__all__ = ["GeneratedDataset", "load_generated"]
+__all__ = ["CHECKED_IDS", "GeneratedDataset", "load_generated"]
+
+# ids per shard that check=True regenerates when it opens the shard: its first and last
+CHECKED_IDS = 2
 
 
 class GeneratedDataset(torch.utils.data.Dataset):
     """The images of a generated data set, memory-mapped shard by shard.
 
     Item ``j`` is a dict ``{"tau": (C, H, W), "noisy": (C, H, W) (unless noise was none),
-    "source_index": i, "k": k, "id": i * K + k}``. Only shards the manifest lists are
-    served; an incomplete run is refused unless ``allow_incomplete``, in which case the
+    "label": int (when the data set has labels), "source_index": i, "k": k, "setting": s,
+    "T": T, "cut": cut, "id": (s * length + i) * K + k}``. Only shards the manifest lists
+    are served; an incomplete run is refused unless ``allow_incomplete``, in which case the
     items are the listed shards' ids in order.
 
-    Each shard file is checked when first opened: its size, shape and dtype always, and
-    with ``check=True`` its sha256 against the manifest (one read of the file), so a
-    corrupted shard raises a ``ValueError`` naming the file instead of serving its bytes.
+    Each shard's files are checked when the shard is first opened, without being read
+    first: each must be a regular file in the folder (no link, FIFO or device) of the listed
+    size, with the listed shape and dtype. With ``check=True`` also its sha256 against the
+    manifest (one read of each file) and, so that a manifest whose parameters were edited
+    is caught too, its first and last ids are regenerated from the source (on the CPU;
+    ``source``/``labels`` if it moved) and compared, after the source's fingerprint and
+    labels are compared once with the manifest's. A shard that fails raises naming its file.
     Items are indexed by integers (Python, NumPy or 0-d integer tensors) only.
     """
 
-    def __init__(self, out: str | Path, *, allow_incomplete: bool = False, check: bool = False):
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        allow_incomplete: bool = False,
+        check: bool = False,
+        source: str | Path | ImageSource | None = None,
+        labels: str | Path | bool | None = None,
+    ):
         if not isinstance(check, bool):
             raise TypeError(f"check: expected True or False, got {check!r}")
-        self.out = Path(out)
+        if not isinstance(allow_incomplete, bool):
+            raise TypeError(f"allow_incomplete: expected True or False, got {allow_incomplete!r}")
+        self.out = check_out_path(out)
         self.check = check
         self.manifest = read_manifest(self.out)
         if not self.manifest["complete"] and not allow_incomplete:
@@ -41,45 +62,53 @@ class GeneratedDataset(torch.utils.data.Dataset):
                 f"out: {self.out} is incomplete ({listed} of {total} shards); finish it with "
                 "`diffeo-engine generate --out DIR --resume`, or pass allow_incomplete=True"
             )
+        self.recipe = Recipe.of(self.manifest)
         self.kinds = list(self.manifest["kinds"])
-        self.per_image = self.manifest["parameters"]["per_image"]
+        self.labelled = LABEL in self.recipe.files
+        self.per_image = self.recipe.per_image
         self._shards = self.manifest["shards"]
         counts = [s["id_stop"] - s["id_start"] for s in self._shards]
         self._starts = np.cumsum([0, *counts]).tolist()
-        self._maps: dict[tuple[int, str], np.ndarray] = {}
+        self._maps: dict[int, dict[str, np.ndarray]] = {}
+        self._regenerator = (
+            Regenerator(self.out, self.manifest, source=source, labels=labels, device="cpu")
+            if check
+            else None
+        )
 
     def __len__(self) -> int:
         return self._starts[-1]
 
-    def _array(self, shard: int, kind: str) -> np.ndarray:
-        key = (shard, kind)
-        if key not in self._maps:
-            self._maps[key] = self._open(self._shards[shard]["files"][kind])
-        return self._maps[key]
+    def _repair_hint(self) -> str:
+        return f"; repair it with `diffeo-engine verify {self.out} --repair`"
 
-    def _open(self, entry: dict) -> np.ndarray:
-        path = self.out / entry["name"]  # a plain KIND-NNNNN.npy name (read_manifest)
-        repair = f"; repair it with `diffeo-engine verify {self.out} --repair`"
-        try:
-            size = path.stat().st_size
-            digest = _sha256(path) if self.check else entry["sha256"]
-            array = np.load(path, mmap_mode="r") if size == entry["bytes"] else None
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: listed in the manifest but missing{repair}") from None
-        except OSError as error:
-            raise OSError(error.errno, f"{path}: cannot read it: {error.strerror}") from error
-        except ValueError as error:
-            raise ValueError(f"{path}: not a readable .npy file ({error}){repair}") from error
-        if size != entry["bytes"]:
-            raise ValueError(f"{path}: {size} bytes, the manifest lists {entry['bytes']}{repair}")
-        if digest != entry["sha256"]:
-            raise ValueError(f"{path}: sha256 differs from the manifest{repair}")
-        if list(array.shape) != entry["shape"] or str(array.dtype) != entry["dtype"]:
+    def _arrays(self, shard: int) -> dict[str, np.ndarray]:
+        if shard not in self._maps:
+            record = self._shards[shard]
+            arrays = {}
+            for kind, entry in record["files"].items():
+                try:
+                    arrays[kind] = open_listed(self.out, entry, check_hash=self.check)
+                except ShardFileProblem as problem:
+                    message = f"{self.out / problem.name}: {problem.problem}{self._repair_hint()}"
+                    raise (FileNotFoundError if problem.missing else ValueError)(message) from None
+            if self._regenerator is not None:
+                self._check_regenerated(record, arrays)
+            self._maps[shard] = arrays
+        return self._maps[shard]
+
+    def _check_regenerated(self, record: dict, arrays: dict[str, np.ndarray]) -> None:
+        _, problem = self._regenerator.source()
+        if problem is not None:
+            raise ValueError(f"out: {self.out}: {problem}")
+        ids = sorted({record["id_start"], record["id_stop"] - 1})[:CHECKED_IDS]
+        problems, _ = self._regenerator.check_ids(record, arrays, ids)
+        if problems:
+            name = record["files"]["tau"]["name"]
             raise ValueError(
-                f"{path}: holds {array.dtype} {list(array.shape)}, the manifest lists "
-                f"{entry['dtype']} {entry['shape']}{repair}"
+                f"{self.out / name}: {problems[0]}: the manifest does not describe this shard "
+                f"(its parameters were changed?){self._repair_hint()}"
             )
-        return array
 
     def id_of(self, index: int) -> int:
         shard = bisect_right(self._starts, index) - 1
@@ -106,11 +135,14 @@ class GeneratedDataset(torch.utils.data.Dataset):
             raise IndexError(f"index: expected -{n} <= index < {n}, got {index}")
         shard = bisect_right(self._starts, index) - 1
         row = index - self._starts[shard]
-        item: dict = {
-            kind: torch.from_numpy(np.array(self._array(shard, kind)[row])) for kind in self.kinds
-        }
+        arrays = self._arrays(shard)
+        item: dict = {kind: torch.from_numpy(np.array(arrays[kind][row])) for kind in self.kinds}
+        if self.labelled:
+            item["label"] = int(arrays[LABEL][row])
         id_ = self._shards[shard]["id_start"] + row
-        item.update(source_index=id_ // self.per_image, k=id_ % self.per_image, id=id_)
+        setting, source_index, k = self.recipe.locate(id_)
+        T, cut = self.recipe.settings[setting]
+        item.update(source_index=source_index, k=k, setting=setting, T=T, cut=cut, id=id_)
         return item
 
     def __getstate__(self):
@@ -120,8 +152,16 @@ class GeneratedDataset(torch.utils.data.Dataset):
 
 
 def load_generated(
-    out: str | Path, *, allow_incomplete: bool = False, check: bool = False
+    out: str | Path,
+    *,
+    allow_incomplete: bool = False,
+    check: bool = False,
+    source: str | Path | ImageSource | None = None,
+    labels: str | Path | bool | None = None,
 ) -> GeneratedDataset:
     """A :class:`GeneratedDataset` over the shards in ``out`` (memory-mapped); ``check=True``
-    verifies each shard's sha256 as it is first opened."""
-    return GeneratedDataset(out, allow_incomplete=allow_incomplete, check=check)
+    verifies each shard's sha256 as it is first opened and regenerates its first and last
+    ids from the source (``source``/``labels`` override the manifest's, if it moved)."""
+    return GeneratedDataset(
+        out, allow_incomplete=allow_incomplete, check=check, source=source, labels=labels
+    )

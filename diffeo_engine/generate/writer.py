@@ -8,7 +8,7 @@ from pathlib import Path
 
 from diffeo_engine.distributed import DistributedError
 from diffeo_engine.generate.files import _fault, _fsync_dir, _npy_chunks, _write_file
-from diffeo_engine.generate.manifest import _write_manifest, shard_name
+from diffeo_engine.generate.manifest import _write_manifest, file_kinds, shard_name
 
 
 class _Writer(threading.Thread):
@@ -70,9 +70,7 @@ class _Writer(threading.Thread):
 
     def _write(self, index: int, lo: int, hi: int, buffers: dict) -> dict:
         """Write the shard's files (hashing them); its manifest record."""
-        params = self.manifest["parameters"]
-        K = params["per_image"]
-        kinds = self.manifest["kinds"]
+        kinds = file_kinds(self.manifest)  # the images, then the labels
         files = {}
         for kind in kinds:
             array = buffers[kind][: hi - lo].numpy()
@@ -88,7 +86,7 @@ class _Writer(threading.Thread):
             files[kind] = {
                 "name": name,
                 "shape": list(array.shape),
-                "dtype": params["dtype"],
+                "dtype": str(array.dtype),
                 "bytes": size,
                 "sha256": sha,
             }
@@ -98,8 +96,6 @@ class _Writer(threading.Thread):
             "index": index,
             "id_start": lo,
             "id_stop": hi,
-            "source_start": lo // K,
-            "source_stop": (hi - 1) // K + 1,
             **self.extra,
             "files": files,
         }

@@ -20,6 +20,16 @@ Spec rules (``open_source(spec)``):
   are memory-mapped, gzip'd ones are decompressed into memory.
 * ``torchvision:NAME:ROOT[:SPLIT]`` -- ``torchvision.datasets.NAME(ROOT, download=False)``,
   with ``train=(SPLIT == "train")`` or ``split=SPLIT`` where the class takes one.
+* CIFAR-10 binary batches -- one ``.bin`` file of 3073-byte records, or
+  ``cifar10:DIR[:train|test]`` (default ``test``), read by :mod:`diffeo_engine.data.cifar10`.
+
+Only folders and regular files (links to them included) are read: a FIFO or a device is
+refused unread (:mod:`~diffeo_engine.data.sources.safe`).
+
+Labels (``open_source(spec, labels=...)``, ``source.labels``): the format's own (MNIST's
+labels file beside the images, CIFAR-10's records, a folder of class sub-folders), none
+(``labels=False``), or a file (``.npy``, IDX, ``FILE.npz:KEY``, or an ``.npz`` source's own
+``KEY``); see :mod:`~diffeo_engine.data.sources.labels`.
 
 Array layout rule: ``(N, H, W)`` gets ``C = 1``; a 4-d array is ``(N, C, H, W)`` when its
 axis 1 is 1, 3 or 4, else ``(N, H, W, C)`` when its last axis is 1, 3 or 4, else an error.
@@ -31,13 +41,16 @@ antialiasing (``torch.nn.functional.interpolate``), uint8 rounded half up back t
 it is how a folder of mixed sizes is read: ``open_source(folder, resize=(H, W))``.
 
 One module per reader: ``base`` (the interface, layout rule, fingerprint), ``arrays``
-(.npy/.npz), ``folders``, ``idx`` (and MNIST), ``torchvision_source``, ``spec`` (the parser).
+(.npy/.npz), ``folders``, ``idx`` (and MNIST), ``cifar`` (CIFAR-10 binary batches),
+``torchvision_source``, ``labels``, ``safe`` (opening only regular files), ``spec`` (the
+parser).
 """
 
 from diffeo_engine.data.sources.arrays import ArraySource
 from diffeo_engine.data.sources.base import HASH_CHUNK_BYTES, ImageSource
 from diffeo_engine.data.sources.folders import IMAGE_SUFFIXES, FolderSource
 from diffeo_engine.data.sources.idx import load_mnist, read_idx
+from diffeo_engine.data.sources.labels import LabelSet, read_labels
 from diffeo_engine.data.sources.spec import open_source, parse_resize
 from diffeo_engine.data.sources.torchvision_source import TorchvisionSource
 
@@ -47,9 +60,11 @@ __all__ = [
     "ArraySource",
     "FolderSource",
     "ImageSource",
+    "LabelSet",
     "TorchvisionSource",
     "load_mnist",
     "open_source",
     "parse_resize",
     "read_idx",
+    "read_labels",
 ]

@@ -11,15 +11,29 @@ import numpy as np
 import torch
 
 from diffeo_engine.data.sources.base import ImageSource, _layout, _to_chw, _torch_dtype
+from diffeo_engine.data.sources.labels import LabelSet, npz_keys, npz_member, read_labels
 
 __all__ = ["ArraySource", "open_npy", "open_npz"]
 
 
 class ArraySource(ImageSource):
-    """An array already in memory or memory-mapped (``.npy``, stored ``.npz``, raw IDX)."""
+    """An array already in memory or memory-mapped (``.npy``, stored ``.npz``, IDX, CIFAR-10).
+
+    ``auto_labels``: the labels the format keeps with the images (a ``LabelSet``, or a
+    function finding them on first use); ``archive``: the ``.npz`` file the array lives in,
+    whose other arrays ``labels=KEY`` may name.
+    """
 
     def __init__(
-        self, array: np.ndarray, spec: str, kind: str, resize, identity: dict | None = None
+        self,
+        array: np.ndarray,
+        spec: str,
+        kind: str,
+        resize,
+        identity: dict | None = None,
+        *,
+        auto_labels=None,
+        archive: Path | None = None,
     ):
         super().__init__(spec, resize)
         self.kind = kind
@@ -27,6 +41,14 @@ class ArraySource(ImageSource):
         self._dtype = _torch_dtype(array.dtype, spec)
         self._array = array
         self._extra = identity or {}
+        self._auto = auto_labels
+        self._archive = archive
+
+    def _auto_labels(self) -> LabelSet | None:
+        return self._auto() if callable(self._auto) else self._auto
+
+    def _labels_from(self, spec) -> LabelSet:
+        return _archive_labels(self._archive, spec)
 
     def __len__(self) -> int:
         return int(self._array.shape[0])
@@ -99,11 +121,21 @@ class _ZipStreamSource(ImageSource):
     def _identity(self) -> dict:
         return self._extra
 
+    def _labels_from(self, spec) -> LabelSet:
+        return _archive_labels(self._path, spec)
+
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_handle"] = None
         state.pop("_archive", None)
         return state
+
+
+def _archive_labels(archive: Path | None, spec) -> LabelSet:
+    """``labels=KEY`` of an ``.npz`` source: that array of the same archive, else a file."""
+    if archive is not None and isinstance(spec, str) and spec in npz_keys(archive):
+        return LabelSet(npz_member(archive, spec, "labels"), "npz", f"{archive}:{spec}")
+    return read_labels(spec)
 
 
 def _read_npy_header(handle, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -162,4 +194,4 @@ def open_npz(path: Path, key: str | None, spec: str, resize) -> ImageSource:
         path, dtype=dtype, mode="r", offset=data_offset, shape=shape, order="F" if fortran else "C"
     )
     identity = {"zip_crc32": info.CRC, "zip_size": info.file_size}
-    return ArraySource(array, spec, "npz", resize, identity)
+    return ArraySource(array, spec, "npz", resize, identity, archive=path)

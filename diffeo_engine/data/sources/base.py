@@ -7,11 +7,13 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffeo_engine.data.sources.labels import LabelSet, read_labels
 from diffeo_engine.reference import to_dtype
 
 __all__ = ["HASH_CHUNK_BYTES", "ImageSource"]
@@ -77,6 +79,8 @@ class ImageSource(ABC):
 
     ``shape`` and ``dtype`` describe what :meth:`batch` returns (after any ``resize``);
     uint8 data stays uint8. :meth:`fingerprint` identifies the content cheaply (see there).
+    :attr:`labels` holds the images' class labels, when the source has them (a
+    :class:`~diffeo_engine.data.sources.labels.LabelSet`, or None).
     """
 
     kind: str = "source"
@@ -85,6 +89,51 @@ class ImageSource(ABC):
         self.spec = spec
         self.resize = resize
         self._fingerprint: str | None = None
+        self._labels: LabelSet | None = None
+        self._labels_found = False
+
+    # labels: found with the images (lazily), none, or from a file
+    def _auto_labels(self) -> LabelSet | None:
+        """The labels the format keeps with the images, or None (subclasses say)."""
+        return None
+
+    def _labels_from(self, spec: str | Path) -> LabelSet:
+        """Labels named by the user (``labels=FILE``); an ``.npz`` source adds its keys."""
+        return read_labels(spec)
+
+    def attach_labels(self, labels: str | Path | bool | None) -> None:
+        """``None``: the format's own labels (found on first use of :attr:`labels`);
+        ``False``: none; a path: read now, and refused unless one per image."""
+        if labels is None:
+            self._labels, self._labels_found = None, False
+            return
+        if labels is False:
+            self._labels, self._labels_found = None, True
+            return
+        if labels is True or not isinstance(labels, (str, Path)):
+            raise TypeError(
+                f"labels: expected None (found with the images), False or a file, got {labels!r}"
+            )
+        self._labels = self._checked_count(self._labels_from(labels))
+        self._labels_found = True
+
+    def _checked_count(self, labels: LabelSet | None) -> LabelSet | None:
+        if labels is not None and len(labels) != len(self):
+            where = labels.spec or f"the {labels.kind} labels"
+            raise ValueError(
+                f"labels: {where} holds {len(labels)} labels, but {self.spec} holds "
+                f"{len(self)} images; give the matching labels (--labels FILE) or none "
+                "(--no-labels)"
+            )
+        return labels
+
+    @property
+    def labels(self) -> LabelSet | None:
+        """The class labels, one per image, or None."""
+        if not self._labels_found:
+            self._labels = self._checked_count(self._auto_labels())
+            self._labels_found = True
+        return self._labels
 
     # what subclasses provide: the native (un-resized) shape, dtype and rows
     @abstractmethod
@@ -162,6 +211,7 @@ class ImageSource(ABC):
             "dtype": str(self.dtype).removeprefix("torch."),
             "resize": list(self.resize) if self.resize else None,
             "fingerprint": self.fingerprint(),
+            "labels": None if self.labels is None else self.labels.describe(),
         }
 
     def __repr__(self) -> str:

@@ -1,5 +1,6 @@
 """Image folders: every PNG/JPEG below a directory, decoded with Pillow (the mode rule of
-the package docstring), optionally resized so that folders of mixed sizes work."""
+the package docstring), optionally resized so that folders of mixed sizes work. A folder
+whose images all lie in sub-folders is labelled by them (the ``ImageFolder`` layout)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from diffeo_engine.data.sources.base import HASH_CHUNK_BYTES, ImageSource, _resize_batch
+from diffeo_engine.data.sources.labels import LabelSet
 
 __all__ = ["IMAGE_SUFFIXES", "FolderSource"]
 
@@ -122,6 +124,18 @@ class FolderSource(ImageSource):
     @property
     def files(self) -> list[Path]:
         return list(self._files)
+
+    def _auto_labels(self) -> LabelSet | None:
+        """Class ``c`` is the ``c``-th name, sorted, of the sub-folders holding the images
+        (as ``torchvision.datasets.ImageFolder`` numbers them); no labels when an image lies
+        in the folder itself."""
+        parts = [p.relative_to(self._root).parts for p in self._files]
+        if any(len(part) < 2 for part in parts):
+            return None
+        classes = sorted({part[0] for part in parts})
+        index = {name: c for c, name in enumerate(classes)}
+        values = np.array([index[part[0]] for part in parts], dtype=np.int64)
+        return LabelSet(values, "folder", None, classes)
 
     def _load(self, path: Path) -> np.ndarray:
         Image = _import_pil()

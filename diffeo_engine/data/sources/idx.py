@@ -12,8 +12,10 @@ import torch
 
 from diffeo_engine.data.sources.arrays import ArraySource
 from diffeo_engine.data.sources.base import ImageSource
+from diffeo_engine.data.sources.labels import LabelSet, idx_labels_beside, read_labels
+from diffeo_engine.data.sources.safe import check_regular
 
-__all__ = ["is_idx", "load_mnist", "open_idx", "read_idx"]
+__all__ = ["idx_from_bytes", "is_idx", "load_mnist", "open_idx", "read_idx"]
 
 # IDX type codes (http://yann.lecun.com/exdb/mnist/), big-endian data.
 _IDX_TYPES = {
@@ -40,14 +42,30 @@ def is_idx(head: bytes) -> bool:
     return len(head) >= 4 and head[0] == 0 and head[1] == 0 and head[2] in _IDX_TYPES
 
 
+def idx_from_bytes(data: bytes, where: str) -> np.ndarray | None:
+    """The array of a whole (decompressed) IDX file's bytes; None when the magic number is
+    not IDX's, a ``ValueError`` when the sizes disagree."""
+    if not is_idx(data):
+        return None
+    dtype, shape, offset = _idx_header(data, where)
+    count = int(np.prod(shape))
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(
+            f"{where} holds {len(data) - offset} data bytes, its header "
+            f"{shape} {dtype} needs {count * dtype.itemsize}"
+        )
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+
+
 def read_idx(path: str | Path, *, mmap: bool = False) -> np.ndarray:
     """An IDX file (MNIST's format; raw or ``.gz``) as an array in its stored dtype.
 
     ``mmap=True`` memory-maps a raw file instead of reading it (ignored for ``.gz``).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"path: no such IDX file: {path}")
+    check_regular(path, "path", follow=True)
     with open(path, "rb") as handle:
         gzipped = handle.read(2) == b"\x1f\x8b"
     if gzipped:
@@ -86,7 +104,13 @@ def open_idx(path: Path, spec: str, resize) -> ImageSource:
             f"input: {path} is an IDX file of shape {array.shape}; expected images "
             "(N, H, W) -- is this a labels file?"
         )
-    return ArraySource(array, spec, "idx", resize, {"file_size": path.stat().st_size})
+
+    def beside() -> LabelSet | None:
+        found = idx_labels_beside(path)
+        return None if found is None else read_labels(found)
+
+    identity = {"file_size": path.stat().st_size}
+    return ArraySource(array, spec, "idx", resize, identity, auto_labels=beside)
 
 
 def load_mnist(directory: str | Path, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:

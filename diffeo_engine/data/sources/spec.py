@@ -10,8 +10,10 @@ from pathlib import Path
 
 from diffeo_engine.data.sources.arrays import open_npy, open_npz
 from diffeo_engine.data.sources.base import ImageSource
+from diffeo_engine.data.sources.cifar import CIFAR_PREFIX, open_cifar10, open_cifar10_batch
 from diffeo_engine.data.sources.folders import FolderSource
 from diffeo_engine.data.sources.idx import is_idx, open_idx
+from diffeo_engine.data.sources.safe import check_input_path
 from diffeo_engine.data.sources.torchvision_source import TorchvisionSource
 
 __all__ = ["open_source", "parse_resize"]
@@ -38,9 +40,24 @@ def parse_resize(resize) -> tuple[int, int] | None:
     return int(resize[0]), int(resize[1])
 
 
-def open_source(spec: str | Path, *, resize: tuple[int, int] | str | None = None) -> ImageSource:
-    """Open ``spec`` (see the module docstring for the accepted forms) as an ImageSource."""
-    resize = parse_resize(resize)
+def open_source(
+    spec: str | Path,
+    *,
+    resize: tuple[int, int] | str | None = None,
+    labels: str | Path | bool | None = None,
+) -> ImageSource:
+    """Open ``spec`` (see the module docstring for the accepted forms) as an ImageSource.
+
+    ``labels``: ``None`` finds the format's own labels on first use of ``source.labels``,
+    ``False`` means none, a file (or an ``.npz`` source's KEY) is read now
+    (:mod:`~diffeo_engine.data.sources.labels`).
+    """
+    source = _open(spec, parse_resize(resize))
+    source.attach_labels(labels)
+    return source
+
+
+def _open(spec: str | Path, resize: tuple[int, int] | None) -> ImageSource:
     if isinstance(spec, Path):
         text = str(spec)
     elif isinstance(spec, str):
@@ -58,14 +75,14 @@ def open_source(spec: str | Path, *, resize: tuple[int, int] | str | None = None
         if sep and tail in ("train", "test", "val", "valid", "validation") and head:
             root, split = head, tail
         return TorchvisionSource(name, root, split, text, resize)
+    if text.startswith(CIFAR_PREFIX):
+        return open_cifar10(text, resize)
     key = None
     path = Path(text).expanduser()
     if not path.exists() and ".npz:" in text:
         head, _, key = text.rpartition(":")
         path = Path(head).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"input: no such file or directory: {path}")
-    path = path.resolve()
+    path = check_input_path(path, "input").resolve()  # a folder or a regular file
     if path.is_dir():
         return FolderSource(path, str(path), resize)
     suffix = path.suffix.lower()
@@ -73,6 +90,8 @@ def open_source(spec: str | Path, *, resize: tuple[int, int] | str | None = None
         return open_npy(path, str(path), resize)
     if suffix == ".npz":
         return open_npz(path, key, str(path), resize)
+    if suffix == ".bin":
+        return open_cifar10_batch(path, resize)
     with open(path, "rb") as handle:
         head = handle.read(4)
     if head[:2] == b"\x1f\x8b":
@@ -85,5 +104,6 @@ def open_source(spec: str | Path, *, resize: tuple[int, int] | str | None = None
         return open_idx(path, str(path), resize)
     raise ValueError(
         f"input: cannot tell what {path} is; expected a .npy/.npz array, an image folder, "
-        "an IDX file (raw or .gz) or 'torchvision:NAME:ROOT'"
+        "an IDX file (raw or .gz), a CIFAR-10 .bin batch, 'cifar10:DIR[:SPLIT]' or "
+        "'torchvision:NAME:ROOT'"
     )
