@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -118,8 +118,7 @@ if torch.cuda.is_available() or _interpreter_enabled():
         operators.kernel_ops()
 
 
-@dataclass(frozen=True)
-class _Call:
+class _Call(NamedTuple):
     """The checked arguments of one call."""
 
     images: torch.Tensor
@@ -146,7 +145,7 @@ def _checked(images, T, cut, seed, ids, sigma, noise, interp, out_dtype, backend
     B, _, H, W = images.shape
     cut, cuts = check_cuts(cut, B, images.device)
     ids = check_ids(ids, B, images.device)
-    check_field(T, cut, H, W, ids, cuts)  # before T becomes a tensor
+    check_field(T, cut, H, W, cuts)  # before T becomes a tensor
     T = check_T(T, B, images.device, check_values=not torch.compiler.is_compiling())
     implementation = _implementation(images, backend)
     return _Call(

@@ -250,10 +250,9 @@ def check_ids(ids, n_images: int, device: torch.device | str | None) -> torch.Te
     """Image ids as an int64 tensor of shape ``(n_images,)``; ``None`` means ``0..n-1``.
 
     Ids are integers in ``[0, 2**63)``: a sequence, any iterable (read once, e.g. a
-    generator) or an integer tensor. Python values are checked here; a tensor's are
-    checked by :func:`check_field` for ``deform``/``perturb`` (CPU tensors: reading a CUDA
-    tensor would cost a device sync), while :mod:`~diffeo_engine.rng` keeps any int64 id
-    as its 64-bit pattern.
+    generator) or an integer tensor. Python values and CPU tensors are checked here (a
+    CUDA tensor's values are not read: that would cost a device sync), while
+    :mod:`~diffeo_engine.rng` keeps any int64 id as its 64-bit pattern.
     """
     if ids is None:
         return torch.arange(n_images, dtype=torch.int64, device=device)
@@ -283,6 +282,10 @@ def check_ids(ids, n_images: int, device: torch.device | str | None) -> torch.Te
         raise ValueError(
             f"ids: expected one id per image, shape ({n_images},), got {tuple(ids.shape)}"
         )
+    if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
+        low = int(ids.min())
+        if low < 0:
+            raise ValueError(f"ids: expected {bound}, got {low}")
     return ids.to(torch.int64)
 
 
@@ -442,11 +445,11 @@ def check_cut_for_image(cut: int, H: int, W: int) -> int:
     return cut
 
 
-def check_field(T, cut: int, H: int, W: int, ids=None, cuts: torch.Tensor | None = None) -> None:
+def check_field(T, cut: int, H: int, W: int, cuts: torch.Tensor | None = None) -> None:
     """``T`` and ``cut`` against the image size, before the field is drawn.
 
     ``cut`` (the batch's largest when ``cuts`` gives one per image) is checked by
-    :func:`check_cut_for_image`; negative ``ids`` (a CPU tensor) are refused. A typical
+    :func:`check_cut_for_image`. A typical
     displacement above ``MAX_TYPICAL_DISPLACEMENT`` pixels (float32 coordinates lose
     sub-pixel resolution) is refused naming ``T``; ``T`` above ``T_max`` warns
     (:class:`FoldingWarning`): the field folds the image. Each image is judged with its own
@@ -456,10 +459,6 @@ def check_field(T, cut: int, H: int, W: int, ids=None, cuts: torch.Tensor | None
     check_cut_for_image(cut, H, W)
     if torch.compiler.is_compiling():
         return
-    if torch.is_tensor(ids) and ids.device.type == "cpu" and ids.numel():
-        low = int(ids.min())
-        if low < 0:
-            raise ValueError(f"ids: expected integers in [0, 2**63), got {low}")
     if not _is_integer(cut) or cut < 2:
         return
     if cuts is not None and cuts.device.type != "cpu":

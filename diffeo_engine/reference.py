@@ -257,7 +257,7 @@ def _run(core, images, T, cut, seed, ids, *extra, interp, out_dtype, allow_nonfi
     cut, cuts = check_cuts(cut, B, images.device, maximum=rng.MAX_CUT)
     seed = check_seed(seed)
     ids = check_ids(ids, B, images.device)
-    check_field(T, cut, H, W, ids, cuts)
+    check_field(T, cut, H, W, cuts)
     T = check_T(T, B, images.device)
     key = torch.tensor(seed, dtype=torch.int64, device=images.device)
     std = _image_std(_std(cut, images.device), cuts)

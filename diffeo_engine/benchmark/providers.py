@@ -6,6 +6,7 @@ matched noise) unless its ``law`` says otherwise.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -145,11 +146,45 @@ def _kornia_unavailable(device: torch.device) -> str | None:
     return None
 
 
-def _build_fused(case: Case):
-    T, cut, seed, out = case.T, case.cut, case.seed, case.out_dtype
-    return lambda images, ids: ops.perturb(
-        images, T, cut, seed=seed, ids=ids, out_dtype=out, backend="triton"
-    )
+def _cpu_unavailable(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"skipped: the cpu backend runs on CPU tensors, not {device.type}"
+    if ops.cpu_kernel() is None:
+        return "skipped: numba does not import here"
+    return None
+
+
+def _build_public(backend: str):
+    """The public ``perturb`` call, argument and finite checks included."""
+
+    def build(case: Case):
+        T, cut, seed, out = case.T, case.cut, case.seed, case.out_dtype
+        return lambda images, ids: ops.perturb(
+            images, T, cut, seed=seed, ids=ids, out_dtype=out, backend=backend
+        )
+
+    return build
+
+
+def _build_kernel_only(backend: str):
+    """The launcher alone on pre-checked arguments: no argument checks, no non-finite
+    count (Triton) and nothing read back, beside the public call."""
+
+    def build(case: Case):
+        if backend == "triton":
+            from diffeo_engine.kernels import perturb as kernels
+
+            launch = functools.partial(kernels.perturb, check=False)
+        else:
+            launch = ops.cpu_kernel().perturb
+        T = torch.full((case.batch,), case.T, dtype=torch.float32, device=case.device)
+        cut, seed, out = case.cut, case.seed, case.out_dtype
+        return lambda images, ids: launch(
+            images, T, ids, cut=cut, seed=seed, noise="matched", interp="bilinear",
+            out_dtype=out,
+        )[:2]  # fmt: skip
+
+    return build
 
 
 def _build_fused_deform(case: Case):
@@ -232,7 +267,14 @@ MAX_ENTROPY = "max-entropy"
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
-        Provider("fused", "pair", MAX_ENTROPY, _build_fused, _triton_unavailable),
+        Provider("fused", "pair", MAX_ENTROPY, _build_public("triton"), _triton_unavailable),
+        Provider(
+            "fused-kernel", "pair", MAX_ENTROPY, _build_kernel_only("triton"), _triton_unavailable
+        ),
+        Provider("fused-cpu", "pair", MAX_ENTROPY, _build_public("cpu"), _cpu_unavailable),
+        Provider(
+            "fused-cpu-kernel", "pair", MAX_ENTROPY, _build_kernel_only("cpu"), _cpu_unavailable
+        ),
         Provider("fused-deform", "deform", MAX_ENTROPY, _build_fused_deform, _triton_unavailable),
         Provider("torch-reference", "pair", MAX_ENTROPY, _build_reference, _always),
         Provider("grid_sample", "pair", MAX_ENTROPY, _build_grid_sample, _always),

@@ -452,9 +452,11 @@ def _noise_channel(c0, c1, H, W, id_lo, id_hi, k0, k1, z, w, n, bm):
 
 @njit(**_OPTIONS)
 def _images(lo, hi, x, x_strides, tau, noisy, out_strides, T, ids, cuts, std, sx, sy,
-            k0, k1, sigma, noise, nearest, in_kind, out_kind, C, H, W,
+            seed_lo, seed_hi, sigma, noise, nearest, in_kind, out_kind, C, H, W,
             coef_c0, coef_c1, noise_c0, noise_c1, nonfinite):  # fmt: skip
     """Images ``lo..hi-1``, one after the other, with scratch allocated once."""
+    k0 = np.uint64(seed_lo)  # the Philox key: the seed's low and high words
+    k1 = np.uint64(seed_hi)
     HW = H * W
     cm = std.shape[0]
     n_modes = 2 * cm * cm
@@ -638,8 +640,7 @@ def perturb(
     sigma = float(noise) if mode == NOISE_SIGMA else 0.0
     std, sx, sy, coef_c0, coef_c1, noise_c0, noise_c1 = _tables(H, W, cut, C)
     per_image = np.full(B, cut, np.int64) if cuts is None else cuts.numpy()
-    key = np.uint64(seed)
-    k0, k1 = key & _M32, (key >> _S32) & _M32
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
     args = (
         _flat(images), tuple(images.stride()), _flat(tau),
         _flat(tau if noisy is None else noisy), tuple(tau.stride()),
@@ -648,13 +649,21 @@ def perturb(
         coef_c0, coef_c1, noise_c0, noise_c1, nonfinite,
     )  # fmt: skip
     threads = _threads(B)
-    with _compiling_note((images.dtype, out_dtype, threads > 1)):
-        if threads == 1:
-            _images(0, B, *args)
-        else:
-            if not _parallel_pid:
-                _parallel_pid.append(os.getpid())
-            numba.set_num_threads(threads)
-            with numba.parallel_chunksize(1):
-                _images_parallel(*args)
+    key = (images.dtype, out_dtype, threads > 1)
+    if key in _seen:
+        _launch(threads, B, args)
+    else:
+        with _compiling_note(key):
+            _launch(threads, B, args)
     return tau, noisy, nonfinite
+
+
+def _launch(threads: int, B: int, args: tuple) -> None:
+    if threads == 1:
+        _images(0, B, *args)
+        return
+    if not _parallel_pid:
+        _parallel_pid.append(os.getpid())
+    numba.set_num_threads(threads)
+    with numba.parallel_chunksize(1):
+        _images_parallel(*args)
