@@ -8,6 +8,8 @@ field per image, no Python loop over images.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from diffeo_engine import rng
@@ -190,6 +192,18 @@ def check_noise(noise) -> float | None:
     return check_in_dtype("noise", float(noise), torch.float32, what="noise is drawn in float32")
 
 
+def _cached(make):
+    """``make(*args)`` computed once per arguments (the device among them), except while
+    ``torch.compile`` traces: shared tables of every call, never written to."""
+    cached = functools.lru_cache(maxsize=64)(make)
+
+    def tables(*args):
+        return make(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    return tables
+
+
+@_cached
 def _std(cut: int, device) -> torch.Tensor:
     """The coefficient standard deviations per unit ``T``, float32 ``(cut, cut)``."""
     return mode_variances(cut, device).sqrt().to(torch.float32)
@@ -203,6 +217,7 @@ def _image_std(std: torch.Tensor, cuts: torch.Tensor | None) -> torch.Tensor:
     return (std * image_mode_masks(cuts, std.shape[-1]))[:, None]
 
 
+@_cached
 def _tables(cut: int, H: int, W: int, device) -> tuple[torch.Tensor, ...]:
     """The float64 sine tables of :func:`displacement_field`, shared by every image."""
     sx = sine_table(W, cut, device=device, dtype=torch.float64)
