@@ -246,13 +246,16 @@ def check_T(T, n_images: int, device: torch.device, *, check_values: bool = True
     return T.to(torch.float32).contiguous()
 
 
-def check_ids(ids, n_images: int, device: torch.device | str | None) -> torch.Tensor:
+def check_ids(
+    ids, n_images: int, device: torch.device | str | None, *, tensor_values: bool = True
+) -> torch.Tensor:
     """Image ids as an int64 tensor of shape ``(n_images,)``; ``None`` means ``0..n-1``.
 
     Ids are integers in ``[0, 2**63)``: a sequence, any iterable (read once, e.g. a
     generator) or an integer tensor. Python values and CPU tensors are checked here (a
-    CUDA tensor's values are not read: that would cost a device sync), while
-    :mod:`~diffeo_engine.rng` keeps any int64 id as its 64-bit pattern.
+    CUDA tensor's values are not read: that would cost a device sync); with
+    ``tensor_values=False`` a tensor's values are not read at all: :mod:`~diffeo_engine.rng`
+    keeps any int64 id as its 64-bit pattern.
     """
     if ids is None:
         return torch.arange(n_images, dtype=torch.int64, device=device)
@@ -282,7 +285,12 @@ def check_ids(ids, n_images: int, device: torch.device | str | None) -> torch.Te
         raise ValueError(
             f"ids: expected one id per image, shape ({n_images},), got {tuple(ids.shape)}"
         )
-    if ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling():
+    if (
+        tensor_values
+        and ids.device.type == "cpu"
+        and ids.numel()
+        and not torch.compiler.is_compiling()
+    ):
         low = int(ids.min())
         if low < 0:
             raise ValueError(f"ids: expected {bound}, got {low}")
