@@ -10,6 +10,8 @@ level. An image's outputs do not depend on its batch, the thread count or the ch
 from __future__ import annotations
 
 import math
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -300,7 +302,7 @@ def test_an_eager_cpu_call_imports_neither_dynamo_nor_triton():
         "bad = [m for m in ('torch._dynamo', 'torch._inductor', 'triton') if m in sys.modules]\n"
         "print('IMPORTED', bad)\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "IMPORTED []" in out.stdout
@@ -330,3 +332,45 @@ def test_backend_cpu_refuses_what_it_cannot_run():
         ops.perturb(x.double(), 0.01, 3, seed=0, backend="cpu")
     with pytest.raises(ValueError, match="meta device"):
         ops.perturb(x.to("meta"), 0.01, 3, seed=0, backend="cpu")
+
+
+@pytest.mark.slow
+def test_a_read_only_package_caches_the_kernel_in_the_user_cache(tmp_path):
+    """A package whose folders cannot take a ``__pycache__`` (a read-only site-packages; here
+    a file stands where the folder would be, which stops root too) compiles once into the
+    user's cache folder, and a second process loads the kernel from there."""
+    import shutil
+
+    import diffeo_engine
+
+    site = tmp_path / "site"
+    shutil.copytree(
+        pathlib.Path(diffeo_engine.__file__).parent,
+        site / "diffeo_engine",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    for folder in (site / "diffeo_engine").rglob("*"):
+        if folder.is_dir():
+            (folder / "__pycache__").write_text("not a folder")
+    (site / "diffeo_engine" / "__pycache__").write_text("not a folder")
+    home = tmp_path / "home"
+    code = (
+        f"import sys; sys.path.insert(0, {str(site)!r})\n"
+        "import torch, diffeo_engine as de\n"
+        "assert de.__file__.startswith(sys.path[0])\n"
+        "de.perturb(torch.rand(2, 3, 8, 8), 0.01, 3, seed=0)\n"
+        "from diffeo_engine.kernels import cpu\n"
+        "print('HITS', sum(cpu._images.stats.cache_hits.values()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"))
+    runs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        for _ in range(2)
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert "HITS 0" in runs[0].stdout and "HITS 1" in runs[1].stdout
+    cached = list((home / ".cache" / "numba").rglob("cpu._images*.nbi"))
+    assert cached, "no cache in the user's cache folder"
+    assert not list(site.rglob("*.nbi"))
