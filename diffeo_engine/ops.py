@@ -28,9 +28,11 @@ from diffeo_engine.physics import (
     check_finite,
     check_ids,
     check_images,
+    check_in_dtype,
     check_interp,
     check_out_dtype,
     check_overflow,
+    check_scalar_T,
     check_seed,
     check_T,
 )
@@ -119,11 +121,13 @@ if torch.cuda.is_available() or _interpreter_enabled():
 
 
 class _Call(NamedTuple):
-    """The checked arguments of one call."""
+    """The checked arguments of one call. A scalar ``T`` stays a float and default ids stay
+    None until an implementation needs tensors (:meth:`T_tensor`, :meth:`ids_tensor`): a
+    call on one image pays for no tensor it does not use."""
 
     images: torch.Tensor
-    T: torch.Tensor
-    ids: torch.Tensor
+    T: torch.Tensor | float
+    ids: torch.Tensor | None
     cut: int
     cuts: torch.Tensor | None
     seed: int
@@ -133,6 +137,17 @@ class _Call(NamedTuple):
     out_dtype: torch.dtype
     implementation: str
     allow_nonfinite: bool
+
+    def T_tensor(self) -> torch.Tensor:
+        if torch.is_tensor(self.T):
+            return self.T
+        B, device = self.images.shape[0], self.images.device
+        return torch.full((B,), self.T, dtype=torch.float32, device=device)
+
+    def ids_tensor(self) -> torch.Tensor:
+        if self.ids is not None:
+            return self.ids
+        return torch.arange(self.images.shape[0], dtype=torch.int64, device=self.images.device)
 
 
 def _checked(images, T, cut, seed, ids, sigma, noise, interp, out_dtype, backend, allow_nonfinite):
@@ -144,13 +159,17 @@ def _checked(images, T, cut, seed, ids, sigma, noise, interp, out_dtype, backend
     seed = check_seed(seed)
     B, _, H, W = images.shape
     cut, cuts = check_cuts(cut, B, images.device)
-    ids = check_ids(ids, B, images.device)
+    if ids is not None:
+        ids = check_ids(ids, B, images.device).contiguous()
     check_field(T, cut, H, W, cuts)  # before T becomes a tensor
-    T = check_T(T, B, images.device, check_values=not torch.compiler.is_compiling())
+    if torch.is_tensor(T):
+        T = check_T(T, B, images.device, check_values=not torch.compiler.is_compiling())
+    else:
+        T = check_in_dtype("T", check_scalar_T(T), torch.float32, what="temperatures are float32")
     implementation = _implementation(images, backend)
     return _Call(
-        images, T, ids.contiguous(), cut, cuts, seed, sigma, noise, interp, out_dtype,
-        implementation, allow_nonfinite,
+        images, T, ids, cut, cuts, seed, sigma, noise, interp, out_dtype, implementation,
+        allow_nonfinite,
     )  # fmt: skip
 
 
@@ -162,7 +181,9 @@ def _launch(call: _Call, images: torch.Tensor):
     if call.implementation == "triton":
         from diffeo_engine.kernels import perturb as kernels
 
-        return kernels.perturb(images, call.T, call.ids, check=not call.allow_nonfinite, **common)
+        return kernels.perturb(
+            images, call.T_tensor(), call.ids_tensor(), check=not call.allow_nonfinite, **common
+        )
     return cpu_kernel().perturb(images, call.T, call.ids, **common)
 
 
@@ -203,7 +224,7 @@ class _KernelFunction(torch.autograd.Function):
 
 def _traced(call: _Call):
     """Under ``torch.compile``: the operators, which the tracer can see."""
-    c = call
+    c = call._replace(T=call.T_tensor(), ids=call.ids_tensor())
     if c.implementation == "triton":
         deform_op, perturb_op = operators.kernel_ops()
         if c.noise:
@@ -233,7 +254,8 @@ def _run(call: _Call):
             allow_nonfinite=call.allow_nonfinite, **extra,
         )  # fmt: skip
     if torch.is_grad_enabled() and call.images.requires_grad:
-        return _KernelFunction.apply(call.images, call.T, call.ids, call.cuts, call)
+        T, ids = call.T_tensor(), call.ids_tensor()
+        return _KernelFunction.apply(call.images, T, ids, call.cuts, call)
     tau, noisy, nonfinite = _launch(call, call.images)
     outputs = (tau,) if noisy is None else (tau, noisy)
     _check_results(call, call.images, outputs, nonfinite)

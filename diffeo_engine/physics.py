@@ -464,6 +464,8 @@ def check_field(T, cut: int, H: int, W: int, cuts: torch.Tensor | None = None) -
     ``T`` and ``cut``. Values of tensors are read only on the CPU (no device sync), and not
     at all under ``torch.compile``.
     """
+    if cuts is None and type(T) is float and type(cut) is int and _quiet(T, cut, H, W):
+        return  # a setting seen before, with nothing to say (a transform's every sample)
     check_cut_for_image(cut, H, W)
     if torch.compiler.is_compiling():
         return
@@ -513,6 +515,17 @@ def check_field(T, cut: int, H: int, W: int, cuts: torch.Tensor | None = None) -
             FoldingWarning,
             stacklevel=3,
         )
+
+
+@functools.lru_cache(maxsize=256)
+def _quiet(T: float, cut: int, H: int, W: int) -> bool:
+    """Whether :func:`check_field` has nothing to refuse or warn about for this setting."""
+    if not (math.isfinite(T) and T >= 0 and 1 <= cut <= max_cut(H, W)):
+        return False
+    if cut < 2:
+        return True
+    shift, fold = _field_limits(T, cut, math.sqrt(H * W))
+    return shift <= MAX_TYPICAL_DISPLACEMENT and fold >= T
 
 
 @functools.lru_cache(maxsize=256)

@@ -91,6 +91,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             smoke=args.smoke,
             seed=args.seed,
             timer=args.timer,
+            interleave=args.interleave if args.interleave is not None else not cuda,
             progress=(lambda m: print(f"  {m}", file=sys.stderr, flush=True))
             if args.verbose
             else None,
@@ -138,6 +139,13 @@ def add_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timer", choices=("events", "do_bench"), default="events")
     p.add_argument("--merge", nargs="+", default=None, help="merge result JSON files instead")
+    p.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the providers of each case round by round in turn and pair their ratios "
+        "(default: on for CPU, whose speed drifts on a shared machine; off for CUDA)",
+    )
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument(
         "--static",

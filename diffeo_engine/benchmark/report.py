@@ -21,10 +21,19 @@ def _spread(record: dict) -> str:
     return "-" if lo is None or hi is None else f"{lo:.3g}-{hi:.3g}"
 
 
+def _ratio(record: dict, field: str) -> str:
+    """A ratio to a baseline; interleaved runs add the range of the per-round ratios."""
+    value, span = record.get(field), record.get(f"{field}_range")
+    if value is None or span is None:
+        return _fmt(value, ".3g")
+    return f"{value:.3g} [{span[0]:.2g}-{span[1]:.2g}]"
+
+
 def format_table(doc: dict, *, markdown: bool = False) -> str:
     """The results as a fixed-width (or Markdown) table, skipped providers listed after.
 
-    pairs/s is the median over rounds, ``min-max`` the slowest and fastest round.
+    pairs/s is the median over rounds, ``min-max`` the slowest and fastest round; with
+    interleaved rounds each ratio is the median of the per-round ratios, [its range].
     """
     head = ["provider", "shape", "B", "dtype", "cut", "pairs/s", "min-max", "GB/s", "% copy"]
     head += ["x grid_s", "x compiled", "x loop"]
@@ -42,9 +51,9 @@ def format_table(doc: dict, *, markdown: bool = False) -> str:
                 _spread(r),
                 _fmt(r["effective_GBps"], ".4g"),
                 _fmt(None if r["fraction_of_copy"] is None else 100 * r["fraction_of_copy"], ".3g"),
-                _fmt(r.get("vs_grid_sample"), ".3g"),
-                _fmt(r.get("vs_grid_sample_compiled"), ".3g"),
-                _fmt(r.get("vs_published_loop"), ".3g"),
+                _ratio(r, "vs_grid_sample"),
+                _ratio(r, "vs_grid_sample_compiled"),
+                _ratio(r, "vs_published_loop"),
             ]
         )
     name = doc["device"].get("name", "?")

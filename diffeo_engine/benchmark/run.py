@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import statistics
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,13 +26,21 @@ from diffeo_engine.benchmark.timing import Runner, copy_bandwidth, time_callable
 __all__ = ["SCHEMA", "merge_results", "run_benchmarks"]
 
 SCHEMA = "diffeo-engine-bench/1"
+INTERLEAVED_REPS = 15
 
 
 def _measure(item: PlanItem, copy_GBps: float, *, smoke: bool, timer: str) -> dict:
     runner = Runner(item.provider, item.case)
-    provider = runner.provider
     sampler = ClockSampler(item.case.device)
     timing = time_callable(runner.step, item.case.device, smoke=smoke, timer=timer, sampler=sampler)
+    record = _record(item, runner, timing, copy_GBps, sampler.summary())
+    del runner
+    return record
+
+
+def _record(item: PlanItem, runner: Runner, timing: dict, copy_GBps: float, telemetry) -> dict:
+    """One result record from a timing (median, min and max seconds per call)."""
+    provider = runner.provider
     case = item.case
     per_s = case.batch / timing["median_s"]
     gbps = per_s * runner.bytes_per_item / 1e9
@@ -54,14 +64,58 @@ def _measure(item: PlanItem, copy_GBps: float, *, smoke: bool, timer: str) -> di
         "fraction_of_copy": gbps / copy_GBps if copy_GBps else None,
         "n_buffers": runner.n_buffers,
         "timing": timing,
-        "telemetry": sampler.summary(),
+        "telemetry": telemetry,
     }
     if provider.kind == "deform":
         record["note"] = "tau x only: pairs_per_s counts images, bytes per deform_bytes"
     if case.batch != item.requested_batch:
         record["note"] = f"run at batch {case.batch} (small batch only)"
-    del runner
     return record
+
+
+def _interleaved(items: list[PlanItem], copy_GBps: float, *, reps: int, group_s: float) -> list:
+    """Every provider of one case timed round by round in turn (A B C A B C ...), so that a
+    machine whose speed drifts (a shared CPU) slows all of them alike: each record gets the
+    median of its own rounds and, per baseline, the median of the per-round ratios."""
+    runners = [Runner(item.provider, item.case) for item in items]
+    inner = []
+    for runner in runners:  # warm-up (JIT cache, allocation) and one estimate each
+        runner.step()
+        start = time.perf_counter()
+        runner.step()
+        estimate = time.perf_counter() - start
+        inner.append(max(1, min(1000, math.ceil(group_s / max(estimate, 1e-9)))))
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(reps):
+        for k, runner in enumerate(runners):
+            start = time.perf_counter()
+            for _ in range(inner[k]):
+                runner.step()
+            times[k].append((time.perf_counter() - start) / inner[k])
+    records = []
+    for item, runner, t, n in zip(items, runners, times, inner):
+        timing = {
+            "median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "reps": reps,
+            "inner": n, "timer": "perf_counter, interleaved", "rounds_s": t,
+        }  # fmt: skip
+        records.append(_record(item, runner, timing, copy_GBps, {}))
+    by_provider = {item.provider: (item, t) for item, t in zip(items, times)}
+    for record, item, t in zip(records, items, times):
+        for base, field in BASELINES:
+            if base == item.provider or base not in by_provider:
+                continue
+            base_item, base_t = by_provider[base]
+            ratios = [(item.case.batch / a) / (base_item.case.batch / b) for a, b in zip(t, base_t)]
+            record[field] = statistics.median(ratios)
+            record[f"{field}_range"] = [min(ratios), max(ratios)]
+    return records
+
+
+BASELINES = (
+    ("grid_sample", "vs_grid_sample"),
+    ("grid_sample-compiled", "vs_grid_sample_compiled"),
+    ("published-loop", "vs_published_loop"),
+)
 
 
 def _add_ratios(results: list[dict]) -> None:
@@ -73,12 +127,8 @@ def _add_ratios(results: list[dict]) -> None:
     for r in results:
         if r["kind"] != "pair":
             continue
-        for base, field in (
-            ("grid_sample", "vs_grid_sample"),
-            ("grid_sample-compiled", "vs_grid_sample_compiled"),
-            ("published-loop", "vs_published_loop"),
-        ):
-            if r["provider"] == base:
+        for base, field in BASELINES:
+            if r["provider"] == base or field in r:  # interleaved runs paired their own
                 continue
             runs = by_key.get((base, tuple(r["shape"]), r["dtype"], r["cut"]), {})
             # Same batch where measured; the published loop is measured at small batch only.
@@ -99,9 +149,12 @@ def run_benchmarks(
     smoke: bool = False,
     seed: int = 0,
     timer: str = "events",
+    interleave: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Time every provider over the matrix (``shapes`` as ``(B, C, H, W)``) in one run.
+    """Time every provider over the matrix (``shapes`` as ``(B, C, H, W)``) in one run;
+    ``interleave``: the providers of each case round by round in turn, their ratios paired
+    round by round (for a machine whose speed drifts; not in smoke).
 
     Returns design.md section 5's structure: ``device``, ``copy_bandwidth_GBps`` (measured
     here, first), ``results`` (one record per provider, shape, dtype, cut), plus
@@ -116,6 +169,16 @@ def run_benchmarks(
     copy = copy_bandwidth(device, smoke=smoke)
     copy_GBps = copy["copy_bandwidth_GBps"]
     results, skipped = [], []
+    if interleave and not smoke:
+        cases: dict = {}
+        for item in items:
+            if item.skip is None:
+                key = (item.requested_batch, item.case.shape, item.case.dtype, item.case.cut)
+                cases.setdefault(key, []).append(item)
+        for group in cases.values():
+            say(f"{', '.join(i.provider for i in group)} at {group[0].id}, interleaved")
+            results.extend(_interleaved(group, copy_GBps, reps=INTERLEAVED_REPS, group_s=0.05))
+        items = [item for item in items if item.skip is not None]
     for item in items:
         where = {
             "provider": item.provider,
@@ -150,6 +213,7 @@ def run_benchmarks(
             "seed": seed,
             "smoke": smoke,
             "timer": timer,
+            "interleave": interleave and not smoke,
             "bytes_model": BYTES_MODEL,
         },
         "results": results,

@@ -612,8 +612,8 @@ def _compiling_note(key):
 
 def perturb(
     images: torch.Tensor,
-    T: torch.Tensor,
-    ids: torch.Tensor,
+    T: torch.Tensor | float,
+    ids: torch.Tensor | None,
     *,
     cut: int,
     seed: int,
@@ -625,8 +625,9 @@ def perturb(
 ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
     """``(tau x, x + eta or None, non-finite count per image)`` on CPU tensors.
 
-    Arguments are already validated (``T`` float32 and ``ids`` int64 of shape ``(B,)``,
-    ``cut`` the batch's largest, ``cuts`` one per image or None); ``noise`` is None,
+    Arguments are already validated (``T`` a float or float32 of shape ``(B,)``, ``ids``
+    int64 of shape ``(B,)`` or None for ``0..B-1``, ``cut`` the batch's largest, ``cuts``
+    one per image or None); ``noise`` is None,
     ``"matched"`` or a sigma. The count holds, per image, its NaN and inf pixels plus the
     stored values that are not finite (an overflow of the output dtype). ``out`` gives
     preallocated buffers (checked as the Triton launcher checks them).
@@ -644,7 +645,9 @@ def perturb(
     args = (
         _flat(images), tuple(images.stride()), _flat(tau),
         _flat(tau if noisy is None else noisy), tuple(tau.stride()),
-        T.numpy(), ids.numpy(), per_image, std, sx, sy, k0, k1, sigma, mode,
+        np.full(B, T, np.float32) if isinstance(T, float) else T.numpy(),
+        np.arange(B, dtype=np.int64) if ids is None else ids.numpy(),
+        per_image, std, sx, sy, k0, k1, sigma, mode,
         interp == "nearest", KINDS[images.dtype], KINDS[out_dtype], C, H, W,
         coef_c0, coef_c1, noise_c0, noise_c1, nonfinite,
     )  # fmt: skip
