@@ -251,9 +251,10 @@ class Diffeo(_RandomDiffeo):
             interp=self.interp, out_dtype=out_dtype, backend=self.backend,
         )  # fmt: skip
 
-    def move(self, part: Part, params: DiffeoParams, size, field: list):
+    def move(self, part: Part, params: DiffeoParams, size, field: list, *, box_format=None):
         """One part in batch form moved with the samples' fields (``field``: a cache list,
-        empty or holding the displacement of these params)."""
+        empty or holding the displacement of these params; ``box_format``: the boxes' own,
+        else the module's)."""
         kind, batch = part.kind, part.batch
         if kind == "other":
             return part.value
@@ -266,18 +267,22 @@ class Diffeo(_RandomDiffeo):
             return out.reshape(B, frames, C, H, W)
         if kind == "mask":
             moved = targets.warp_mask(batch.to(params.ids.device), self._field(params, size, field))
-            return _unchanged_where_not_applied(moved.to(batch.device), batch, params.applied)
+            applied = params.applied.to(batch.device)
+            return _unchanged_where_not_applied(moved.to(batch.device), batch, applied)
         displacement = self._field(params, size, field)
         if isinstance(batch, list):  # per-sample boxes or keypoints
             return [
-                self._move_points(kind, item[None], displacement[i : i + 1], params.applied[i])[0]
+                self._move_points(
+                    kind, item[None], displacement[i : i + 1], params.applied[i], box_format
+                )[0]
                 for i, item in enumerate(batch)
             ]
-        return self._move_points(kind, batch, displacement, params.applied)
+        return self._move_points(kind, batch, displacement, params.applied, box_format)
 
-    def _move_points(self, kind, points, displacement, applied):
+    def _move_points(self, kind, points, displacement, applied, box_format):
         if kind == "boxes":
-            moved = targets.move_boxes(points, displacement, box_format=self.box_format)
+            box_format = self.box_format if box_format is None else box_format
+            moved = targets.move_boxes(points, displacement, box_format=box_format)
         else:
             moved = targets.move_keypoints(points, displacement)
         original = points if points.is_floating_point() else points.to(moved.dtype)
