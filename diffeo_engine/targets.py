@@ -47,7 +47,7 @@ BOX_FORMATS = ("xyxy", "xywh", "cxcywh")
 INVERSE_TOLERANCE = 1e-6  # pixels: a point is moved once |q - d(q) - p| is below this
 NEWTON_ITERATIONS = 50
 HALVINGS = 20  # step halvings per Newton iteration before a point is left where it is
-BOX_SPACING = 0.25  # pixels between the samples of a box outline
+BOX_SPACING = 0.1  # pixels between the samples of a box outline
 
 
 class InversionWarning(UserWarning):
