@@ -229,7 +229,8 @@ class Diffeo(_RandomDiffeo):
         **parts,
     ):
         """Transform one sample or a batch; see the class docstring for the forms."""
-        parsed = parse_sample(sample, parts, ids=ids, size=size)
+        recorded = len(params) if isinstance(params, DiffeoParams) else None
+        parsed = parse_sample(sample, parts, ids=ids, size=size, recorded=recorded)
         params = self._params(parsed.size, parsed.batch_size, parsed.device, ids, params)
         field: list[torch.Tensor] = []  # computed once, for the first part that needs it
         outputs = [self.move(part, params, parsed.size, field) for part in parsed.parts]

@@ -21,7 +21,7 @@ keypoints     ``(..., 2)`` tensor or array    ``(B, ..., 2)``, or a list of ``B`
 
 Numpy arrays and PIL images are channels-last (their habit), tensors channels-first. The
 image (or video) says whether the call is a batch; without one, ``ids`` does (a sequence or
-a tensor of ids: a batch).
+a tensor of ids: a batch), or the replayed record (of more than one sample: a batch).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _is_pil(value) -> bool:
 
 
 def _pil_to_array(image) -> np.ndarray:
-    return np.asarray(image)
+    return np.array(image)  # a copy: torch refuses read-only buffers
 
 
 def _array_to_pil(array: np.ndarray, like):
@@ -233,8 +233,11 @@ def _is_batch_of_ids(ids) -> bool:
     return not (torch.is_tensor(ids) and ids.dim() == 0)
 
 
-def parse_sample(inputs: tuple, named: Mapping, *, ids=None, size=None) -> Sample:
-    """The sample of a call ``transform(*inputs, **named)``."""
+def parse_sample(
+    inputs: tuple, named: Mapping, *, ids=None, size=None, recorded: int | None = None
+) -> Sample:
+    """The sample of a call ``transform(*inputs, **named)`` (``recorded``: the number of
+    samples of replayed params, if any)."""
     if len(inputs) > 1:
         raise TypeError(
             f"expected one sample: an image or a dict of parts, and parts by name "
@@ -260,7 +263,7 @@ def parse_sample(inputs: tuple, named: Mapping, *, ids=None, size=None) -> Sampl
         raise TypeError("image: given twice (positionally and by name)")
     primary = next(((k, v) for (_, v), k in zip(items, kinds) if k in ("image", "video")), None)
     if primary is None:
-        batched = _is_batch_of_ids(ids)
+        batched = _is_batch_of_ids(ids) or (recorded is not None and recorded > 1)
     elif primary[0] == "image":
         batched = getattr(primary[1], "ndim", 0) == 4
     else:

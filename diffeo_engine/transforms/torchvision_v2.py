@@ -24,6 +24,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import query_size
 
+from diffeo_engine.targets import check_box_format
 from diffeo_engine.transforms.modules import Diffeo
 from diffeo_engine.transforms.samples import to_batch
 
@@ -88,8 +89,8 @@ class TorchvisionDiffeo(v2.Transform):
                     f"{kind}: torchvision keeps them per sample; transform a batch of images "
                     "with Diffeo and a list of per-sample boxes or keypoints instead"
                 )
-            if kind == "boxes":
-                box_format = inpt.format.name
+            if kind == "boxes":  # rotated formats are refused here, naming the format
+                box_format = check_box_format(inpt.format.name)
         plain = inpt.as_subclass(torch.Tensor) if torch.is_tensor(inpt) else inpt
         part = to_batch(kind, kind, plain, params["batched"])
         moved = self.diffeo.move(
