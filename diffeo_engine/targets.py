@@ -288,21 +288,24 @@ def convert_boxes(boxes: torch.Tensor, old: str, new: str) -> torch.Tensor:
     return torch.stack((a, b, c, d), dim=-1)
 
 
-def _outline(boxes: torch.Tensor, spacing: float) -> torch.Tensor:
-    """Points ``(..., 4 m, 2)`` on the outline of xyxy boxes ``(..., 4)``: ``m`` evenly spaced
-    samples per side, corners included, ``m`` set by the longest side of all the boxes so
-    that no two neighbours are more than ``spacing`` apart."""
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    longest = float(torch.maximum(x2 - x1, y2 - y1).max()) if boxes.numel() else 0.0
-    m = max(2, math.ceil(longest / spacing) + 1)
-    t = torch.linspace(0, 1, m, dtype=boxes.dtype, device=boxes.device)
-    xs = x1[..., None] * (1 - t) + x2[..., None] * t  # (..., m) along the horizontal sides
-    ys = y1[..., None] * (1 - t) + y2[..., None] * t
-    top = torch.stack((xs, y1[..., None].expand_as(xs)), dim=-1)
-    bottom = torch.stack((xs, y2[..., None].expand_as(xs)), dim=-1)
-    left = torch.stack((x1[..., None].expand_as(ys), ys), dim=-1)
-    right = torch.stack((x2[..., None].expand_as(ys), ys), dim=-1)
-    return torch.cat((top, bottom, left, right), dim=-2)
+def _side_points(xyxy: torch.Tensor, side: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Points ``(..., k, 2)`` at fractions ``t`` ``(..., k)`` along a side of each xyxy box
+    ``(..., 4)``: side 0 is the top, 1 the bottom (left to right), 2 the left, 3 the right
+    (top to bottom). The corners are exact (``a (1 - t) + b t``)."""
+    x1, y1, x2, y2 = (v[..., None] for v in xyxy.unbind(-1))
+    side = side[..., None]
+    along_x, along_y = x1 * (1 - t) + x2 * t, y1 * (1 - t) + y2 * t
+    x = torch.where(side < 2, along_x, torch.where(side == 2, x1, x2))
+    y = torch.where(side >= 2, along_y, torch.where(side == 0, y1, y2))
+    return torch.stack(torch.broadcast_tensors(x, y), dim=-1)
+
+
+def _moved_box_points(xyxy, side, t, displacement):
+    """:func:`_side_points` moved with each image's field, in the box frame."""
+    B = xyxy.shape[0]
+    points = _side_points(xyxy, side, t) - 0.5  # to the pixel-centre frame of the field
+    moved = _move_points(points.reshape(B, -1, 2), displacement) + 0.5
+    return moved.reshape(points.shape)
 
 
 def move_boxes(
@@ -315,12 +318,14 @@ def move_boxes(
     """Boxes ``(B, N, 4)`` moved with the images: each becomes the bounding box of its moved
     outline, clipped to the canvas ``[0, W] x [0, H]``, in ``box_format``.
 
-    The outline is sampled every ``spacing`` pixels at most (corners included; every box
-    of the call gets as many samples per side as the longest side needs), each sample moved
-    as a keypoint (:func:`move_keypoints`, after the half-pixel shift from the box frame,
-    where pixel ``x`` covers ``[x, x+1)``, to the pixel-centre frame). A diffeomorphism
-    maps the outline to the outline of the moved box, so its bounding box is the moved
-    region's. Float boxes keep their dtype; integer boxes come back as float32.
+    Each side of the outline is sampled at most a pixel apart (corners included; every box
+    of the call gets as many samples per side as the longest side needs), and again every
+    ``spacing`` pixels within a pixel of the two samples that reach each extreme (left,
+    top, right, bottom); each sample moves as a keypoint (:func:`move_keypoints`, after the
+    half-pixel shift from the box frame, where pixel ``x`` covers ``[x, x+1)``, to the
+    pixel-centre frame). A diffeomorphism maps the outline to the outline of the moved box,
+    so its bounding box is the moved region's. Float boxes keep their dtype; integer boxes
+    come back as float32.
     """
     B, H, W = _check_displacement_tensor(displacement)
     box_format = check_box_format(box_format)
@@ -340,8 +345,24 @@ def move_boxes(
     N = xyxy.shape[1]
     if N == 0:
         return boxes.to(dtype=_out_dtype(boxes)).clone()
-    outline = _outline(xyxy, float(spacing)) - 0.5  # to the pixel-centre frame
-    moved = _move_points(outline.reshape(B, -1, 2), displacement).reshape(B, N, -1, 2) + 0.5
+    # coarse: every side sampled at most a pixel apart (as many samples for every box)
+    longest = float(torch.maximum(xyxy[..., 2] - xyxy[..., 0], xyxy[..., 3] - xyxy[..., 1]).max())
+    m = max(2, math.ceil(longest) + 1)
+    t = torch.linspace(0, 1, m, dtype=torch.float64, device=xyxy.device)
+    sides = torch.arange(4, device=xyxy.device)
+    coarse = _moved_box_points(
+        xyxy[:, :, None], sides.expand(B, N, 4), t.expand(B, N, 4, m), displacement
+    ).reshape(B, N, 4 * m, 2)
+    # fine: around the two coarse samples reaching each extreme, every `spacing` pixels
+    signed = torch.cat((coarse, -coarse), dim=-1)  # min x, min y, then -max x, -max y
+    best = signed.topk(min(2, 4 * m), dim=2, largest=False).indices  # (B, N, 2, 4)
+    best = best.transpose(2, 3).reshape(B, N, -1)  # (B, N, C) candidates
+    side, index = best // m, best % m
+    F = 2 * math.ceil(1.0 / spacing) + 1
+    offsets = torch.linspace(-1, 1, F, dtype=torch.float64, device=xyxy.device)
+    t_fine = ((index[..., None] + offsets) / (m - 1)).clamp(0, 1)  # (B, N, C, F)
+    fine = _moved_box_points(xyxy[:, :, None], side, t_fine, displacement)
+    moved = torch.cat((coarse, fine.reshape(B, N, -1, 2)), dim=2)
     low, high = moved.amin(dim=2), moved.amax(dim=2)  # (B, N, 2)
     canvas = torch.tensor([W, H], dtype=torch.float64, device=moved.device)
     low = torch.minimum(low.clamp(min=0), canvas)
