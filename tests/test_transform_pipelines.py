@@ -244,6 +244,8 @@ def test_cuda_samples_equal_cpu_samples(generator):
         (lambda a, x, m: a(x, params={"T": 1}), TypeError, "params: expected the DiffeoParams"),
         (lambda a, x, m: a(label=3), TypeError, "expected at least one of the parts"),
         (lambda a, x, m: a(), TypeError, "expected a sample"),
+        (lambda a, x, m: a(x, ids=1.5), TypeError, "ids: expected an integer id or a sequence"),
+        (lambda a, x, m: a(x, ids=[1, 2]), ValueError, r"ids: expected one id per sample \(1\)"),
     ],
 )
 def test_bad_samples_are_refused_naming_the_part(generator, call, error, match):

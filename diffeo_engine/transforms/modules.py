@@ -10,6 +10,8 @@ Both draw ``T`` and ``cut`` per sample from the laws of :mod:`.laws`.
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -105,19 +107,12 @@ class _RandomDiffeo(nn.Module):
         ``T`` is 0 for the samples the coin of ``p`` leaves unchanged."""
         H, W = size
         if ids is not None:
-            if isinstance(ids, int) or (torch.is_tensor(ids) and ids.dim() == 0):
-                ids = [ids]
-            if not torch.is_tensor(ids) and not isinstance(ids, (str, bytes)):
-                ids = list(ids) if _iterable(ids) else ids
-            count = (
-                ids.shape[0] if torch.is_tensor(ids) else len(ids) if isinstance(ids, list) else 0
-            )
-            ids = check_ids(ids, count, device)
+            ids = _as_ids(ids, device)
             if n is not None and ids.shape[0] != n:
                 raise ValueError(f"ids: expected one id per sample ({n}), got {ids.shape[0]}")
+        elif n is None:
+            raise ValueError("n: expected the number of samples when ids are not given")
         else:
-            if n is None:
-                raise ValueError("n: expected the number of samples when ids are not given")
             ids = self._default_ids(n, torch.device(device or "cpu"))
         seed = self._seed()
         applied = draw_applied(self.p, seed, ids)
@@ -293,12 +288,20 @@ class Diffeo(_RandomDiffeo):
         return f"{self._laws_repr()}, interp={self.interp!r}, box_format={self.box_format!r}"
 
 
-def _iterable(value) -> bool:
-    try:
-        iter(value)
-    except TypeError:
-        return False
-    return True
+def _as_ids(ids, device) -> torch.Tensor:
+    """One id (an integer or a 0-d tensor) or a sequence of them, checked, as int64."""
+    if torch.is_tensor(ids):
+        ids = ids.reshape(1) if ids.dim() == 0 else ids
+        return check_ids(ids, ids.shape[0], device)
+    if isinstance(ids, numbers.Integral):
+        ids = [ids]
+    elif not isinstance(ids, (str, bytes)) and isinstance(ids, Iterable):
+        ids = list(ids)  # an iterator is read once
+    else:
+        raise TypeError(
+            f"ids: expected an integer id or a sequence of them, got {type(ids).__name__} {ids!r}"
+        )
+    return check_ids(ids, len(ids), device)
 
 
 def _unchanged_where_not_applied(moved, original, applied: torch.Tensor):

@@ -103,12 +103,12 @@ def _image_batch(name: str, value, batched: bool, kind: str) -> Part:
                 expected = "(B, H, W, C)" if kind == "image" else "(B, H, W) or (B, H, W, K)"
                 raise _shape_error(name, f"a batch of arrays {expected}", value)
             batch = tensor.permute(0, 3, 1, 2)
-            back = lambda out: out.permute(0, 2, 3, 1).numpy()  # noqa: E731
+            back = lambda out: out.permute(0, 2, 3, 1).contiguous().numpy()  # noqa: E731
         elif value.ndim == 2:
             batch, back = tensor[None, None], lambda out: out[0, 0].numpy()
         elif value.ndim == 3:
             batch = tensor.permute(2, 0, 1)[None]
-            back = lambda out: out[0].permute(1, 2, 0).numpy()  # noqa: E731
+            back = lambda out: out[0].permute(1, 2, 0).contiguous().numpy()  # noqa: E731
         else:
             expected = "(H, W) or (H, W, C)" if kind == "image" else "(H, W) or (H, W, K)"
             raise _shape_error(name, f"an array {expected}", value)
