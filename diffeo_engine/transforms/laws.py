@@ -57,6 +57,7 @@ __all__ = [
     "beta_variates",
     "check_probability",
     "cut_law",
+    "describe",
     "draw_applied",
     "draw_cuts",
     "draw_temperatures",
@@ -116,11 +117,14 @@ def _is_pair(value) -> bool:
     return isinstance(value, (tuple, list)) and len(value) == 2
 
 
-def _unused(names: dict, law: str) -> None:
+def _refuse_partial(names: dict, law: str) -> None:
+    """Some but not all of the Beta law's parameters given: name the first one given."""
     given = [k for k, v in names.items() if v is not None]
     if given:
-        raise ValueError(f"{given[0]}: only with the Beta law of {law}, which needs all of "
-                         f"{', '.join(names)}; got {given[0]} without the others")  # fmt: skip
+        raise ValueError(
+            f"{given[0]}: only with the Beta law of {law}, which needs all of "
+            f"{', '.join(names)}; got {given[0]} without the others"
+        )
 
 
 def temperature_law(T, sT=None, rT=None) -> Fixed | Uniform | Beta:
@@ -128,7 +132,7 @@ def temperature_law(T, sT=None, rT=None) -> Fixed | Uniform | Beta:
     with ``sT, rT`` (the published Beta law, relative to ``[T_min(cut), T_max(cut)]``)."""
     if T is None:
         if sT is None or rT is None:
-            _unused({"sT": sT, "rT": rT}, "T")
+            _refuse_partial({"sT": sT, "rT": rT}, "T")
             raise ValueError(
                 "T: expected a temperature, a range (low, high) or the Beta law sT, rT; got none"
             )
@@ -159,7 +163,7 @@ def cut_law(cut, scut=None, rcut=None, cutmin=None, cutmax=None, *, minimum: int
     beta = {"scut": scut, "rcut": rcut, "cutmin": cutmin, "cutmax": cutmax}
     if cut is None:
         if any(v is None for v in beta.values()):
-            _unused(beta, "cut")
+            _refuse_partial(beta, "cut")
             raise ValueError(
                 "cut: expected an integer, a range (low, high) or the Beta law scut, rcut, "
                 "cutmin, cutmax; got none"
