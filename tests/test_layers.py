@@ -16,7 +16,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffeo_engine"
 # lowest first; a module belongs to the longest prefix listed
 LAYERS: list[tuple[str, ...]] = [
     ("physics", "rng", "progress", "versions", "distributed"),
-    ("reference", "kernels"),
+    ("reference", "kernels", "targets"),
     ("operators",),
     ("ops",),
     ("transforms", "data", "models"),

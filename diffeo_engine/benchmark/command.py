@@ -119,8 +119,9 @@ def add_command(subparsers) -> argparse.ArgumentParser:
         "bench",
         help="time perturbation engines side by side against the device's copy bandwidth",
         description=(
-            "Time fused (Triton), torch-reference, grid_sample (eager and compiled), the "
-            "published per-image loop and kornia on random data; report pairs/s, effective "
+            "Time the fused kernels (Triton; the CPU kernel), torch-reference, grid_sample "
+            "(eager and compiled), the published per-image loop, and kornia's and torchvision's "
+            "elastic transforms (another law) on random data; report pairs/s, effective "
             "GB/s under the minimum-bytes model and the fraction of the copy bandwidth "
             "measured in the same run. Default: the issue's matrix on CUDA, tiny shapes on CPU. "
             "--static: no GPU needed; compile the kernels for sm_90/sm_80 and report their "

@@ -146,6 +146,16 @@ def _kornia_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def _torchvision_unavailable(device: torch.device) -> str | None:
+    try:
+        from torchvision.transforms import v2  # noqa: F401
+    except ImportError:
+        return "skipped: torchvision is not installed"
+    except Exception as error:  # a wheel built for another torch fails while registering ops
+        return f"skipped: torchvision does not import here ({type(error).__name__}: {error})"
+    return None
+
+
 def _cpu_unavailable(device: torch.device) -> str | None:
     if device.type != "cpu":
         return f"skipped: the cpu backend runs on CPU tensors, not {device.type}"
@@ -241,24 +251,37 @@ def _build_published(case: Case):
     return lambda images, ids: published_loop_perturb(images, T, cut, out_dtype=out, tables=tables)
 
 
-def _build_kornia(case: Case):
-    from kornia.geometry.transform import elastic_transform2d
+def _elastic_side(case: Case) -> int:
+    return min(case.shape[1:])
 
-    _, H, W = case.shape
-    side = min(H, W)
+
+def _build_kornia(case: Case):
+    """kornia's ``RandomElasticTransform``, one independent field per image (``p=1``)."""
+    from kornia.augmentation import RandomElasticTransform
+
+    side = _elastic_side(case)
     k = max(3, min(63, side // 2 * 2 - 1))  # odd, and its reflect padding fits the image
     sigma = float(k) / 4
+    augment = RandomElasticTransform(
+        kernel_size=(k, k), sigma=(sigma, sigma), alpha=(1.0, 1.0), p=1.0, same_on_batch=False
+    )
+    out = case.out_dtype
+    return lambda images, ids: to_dtype(augment(images.to(torch.float32)), out)
+
+
+def _build_torchvision_elastic(case: Case):
+    """torchvision v2 ``ElasticTransform`` (its default ``alpha=50``, ``sigma=5`` px, or
+    less where the blur kernel would not fit the image); it draws one field per call, so
+    independent fields take one call per image."""
+    from torchvision.transforms import v2
+
+    sigma = min(5.0, max(0.25, (_elastic_side(case) - 2) / 8))
+    augment = v2.ElasticTransform(alpha=50.0, sigma=sigma)
     out = case.out_dtype
 
     def run(images, ids):
         x = images.to(torch.float32)
-        noise = torch.rand(x.shape[0], 2, H, W, device=x.device) * 2 - 1
-        warped = elastic_transform2d(
-            x, noise, kernel_size=(k, k), sigma=(sigma, sigma), alpha=(1.0, 1.0)
-        )
-        z = torch.randn_like(warped)
-        scale = (warped - x).flatten(1).norm(dim=1) / z.flatten(1).norm(dim=1)
-        return to_dtype(warped, out), to_dtype(x + z * scale[:, None, None, None], out)
+        return to_dtype(torch.stack([augment(image) for image in x]), out)
 
     return run
 
@@ -295,11 +318,20 @@ PROVIDERS: dict[str, Provider] = {
         ),
         Provider(
             "kornia",
-            "pair",
-            "different law: kornia elastic_transform2d (Gaussian-smoothed uniform noise), "
-            "matched noise",
+            "deform",
+            "different law: kornia RandomElasticTransform (Gaussian-smoothed uniform noise), "
+            "one field per image",
             _build_kornia,
             _kornia_unavailable,
+        ),
+        Provider(
+            "torchvision-elastic",
+            "deform",
+            "different law: torchvision v2 ElasticTransform (Gaussian-smoothed uniform noise), "
+            "one call per image for independent fields",
+            _build_torchvision_elastic,
+            _torchvision_unavailable,
+            max_batch=PUBLISHED_MAX_BATCH,
         ),
     )
 }
