@@ -29,6 +29,7 @@ from diffeo_engine.reference import check_noise
 from diffeo_engine.transforms.laws import (
     Beta,
     DiffeoParams,
+    Fixed,
     check_probability,
     cut_law,
     describe,
@@ -80,6 +81,7 @@ class _RandomDiffeo(nn.Module):
         self.interp = check_interp(interp)
         self.backend = check_choice("backend", backend, ops.BACKENDS)
         self.last_params: DiffeoParams | None = None
+        self._drawn_T = self._drawn_cut = None  # the tensors of the last fresh draw
 
     @property
     def T(self):
@@ -118,7 +120,9 @@ class _RandomDiffeo(nn.Module):
         applied = draw_applied(self.p, seed, ids)
         cuts = draw_cuts(self.cut_law, seed, ids)
         T = draw_temperatures(self.T_law, seed, ids, cuts, math.sqrt(H * W))
-        T = torch.where(applied, T, torch.zeros_like(T))
+        if self.p < 1:
+            T = torch.where(applied, T, torch.zeros_like(T))
+        _set(self, _drawn_T=T, _drawn_cut=cuts)  # drawn here, not replayed: see _T_arg
         return DiffeoParams(T, cuts, ids, applied, seed)
 
     def _params(self, size, n, device, ids, params) -> DiffeoParams:
@@ -136,13 +140,22 @@ class _RandomDiffeo(nn.Module):
             if len(params) != n:
                 raise ValueError(f"params: expected a record of {n} samples, got {len(params)}")
             params = params.to(device)
-        self.last_params = params
+        _set(self, last_params=params)
         return params
 
     def _cut_arg(self, params: DiffeoParams):
         """One integer when every sample has the same ``cut`` (the kernels' shared path)."""
+        if isinstance(self.cut_law, Fixed) and params.cut is self._drawn_cut:
+            return self.cut_law.value  # nothing to read: the law's own value
         low, high = (int(v) for v in torch.aminmax(params.cut)) if len(params) else (1, 1)
         return low if low == high else params.cut
+
+    def _T_arg(self, params: DiffeoParams):
+        """One float when the law is fixed and every sample is transformed (``ops``' fast
+        path for a scalar ``T``), else the per-sample tensor."""
+        if isinstance(self.T_law, Fixed) and self.p >= 1 and params.T is self._drawn_T:
+            return self.T_law.value
+        return params.T
 
     def _laws_repr(self) -> str:
         return (
@@ -209,9 +222,11 @@ class Diffeo(_RandomDiffeo):
         if self.seed is None:
             return super()._default_ids(n, device)  # a fresh seed per call already differs
         info = torch.utils.data.get_worker_info()
-        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        ids = (self.calls + torch.arange(n, dtype=torch.int64)) * workers + worker
-        self.calls += n
+        start = self.calls
+        _set(self, calls=start + n)
+        if info is None:
+            return torch.arange(start, start + n, dtype=torch.int64, device=device)
+        ids = (start + torch.arange(n, dtype=torch.int64)) * info.num_workers + info.id
         return ids.to(device)
 
     def forward(
@@ -243,7 +258,7 @@ class Diffeo(_RandomDiffeo):
 
     def _deform(self, images: torch.Tensor, params: DiffeoParams, out_dtype) -> torch.Tensor:
         return ops.deform(
-            images, params.T, self._cut_arg(params), seed=params.seed, ids=params.ids,
+            images, self._T_arg(params), self._cut_arg(params), seed=params.seed, ids=params.ids,
             interp=self.interp, out_dtype=out_dtype, backend=self.backend,
         )  # fmt: skip
 
@@ -286,6 +301,13 @@ class Diffeo(_RandomDiffeo):
 
     def extra_repr(self) -> str:
         return f"{self._laws_repr()}, interp={self.interp!r}, box_format={self.box_format!r}"
+
+
+def _set(module: nn.Module, **values) -> None:
+    """Plain Python attributes written past ``nn.Module.__setattr__`` (which costs
+    microseconds a call, inspecting parameters, buffers and submodules): the per-call
+    state of a transform, never a tensor the module owns."""
+    module.__dict__.update(values)
 
 
 def _as_ids(ids, device) -> torch.Tensor:
@@ -362,7 +384,7 @@ class DiffeoPair(_RandomDiffeo):
         if out_dtype is None and batch.dtype == torch.uint8:
             out_dtype = torch.float32
         tau, noisy = ops.perturb(
-            batch, params.T, self._cut_arg(params), seed=params.seed, ids=params.ids,
+            batch, self._T_arg(params), self._cut_arg(params), seed=params.seed, ids=params.ids,
             noise=self.noise, interp=self.interp, out_dtype=out_dtype, backend=self.backend,
         )  # fmt: skip
         result = (part.back(tau), part.back(noisy))
