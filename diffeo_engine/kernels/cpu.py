@@ -131,9 +131,13 @@ def _uniform(word):
     return np.float32(np.int64(magnitude)) * _UNIFORM_SCALE
 
 
-@njit(**_OPTIONS)
+_FAST_POLYNOMIALS = dict(_OPTIONS, fastmath={"contract"})  # FMAs: same on every call
+
+
+@njit(**_FAST_POLYNOMIALS)
 def _sincos(theta):
-    """``(sin, cos)`` of a float64 angle in ``[0, 2 pi)``, branch-free, to ~1e-15."""
+    """``(sin, cos)`` of a float64 angle in ``[0, 2 pi)``, branch-free, to ~1e-10 (far
+    below a float32 ulp, all the normals keep)."""
     k = np.floor(theta * _TWO_OVER_PI + 0.5)
     r = (theta - k * _PIO2_HI) - k * _PIO2_LO
     r2 = r * r
@@ -142,32 +146,11 @@ def _sincos(theta):
         + r2
         * (
             -1.0 / 6.0
-            + r2
-            * (
-                1.0 / 120.0
-                + r2
-                * (
-                    -1.0 / 5040.0
-                    + r2 * (1.0 / 362880.0 + r2 * (-1.0 / 39916800.0 + r2 / 6227020800.0))
-                )
-            )
+            + r2 * (1.0 / 120.0 + r2 * (-1.0 / 5040.0 + r2 * (1.0 / 362880.0 - r2 / 39916800.0)))
         )
     )
     c = 1.0 + r2 * (
-        -0.5
-        + r2
-        * (
-            1.0 / 24.0
-            + r2
-            * (
-                -1.0 / 720.0
-                + r2
-                * (
-                    1.0 / 40320.0
-                    + r2 * (-1.0 / 3628800.0 + r2 * (1.0 / 479001600.0 - r2 / 87178291200.0))
-                )
-            )
-        )
+        -0.5 + r2 * (1.0 / 24.0 + r2 * (-1.0 / 720.0 + r2 * (1.0 / 40320.0 - r2 / 3628800.0)))
     )
     q = np.int64(k) & 3
     sin = c if q & 1 else s
@@ -177,7 +160,7 @@ def _sincos(theta):
     return sin, cos
 
 
-@njit(**_OPTIONS)
+@njit(**_FAST_POLYNOMIALS)
 def _normals(wa, wb, n, out_cos, out_sin, u1, mantissa, exponent):
     """Box-Muller (Triton's ``pair_uniform_to_normal``) of the word pairs ``(wa, wb)``:
     float32 ``radius cos theta`` and ``radius sin theta``. ``u1``, ``mantissa`` and
@@ -197,10 +180,7 @@ def _normals(wa, wb, n, out_cos, out_sin, u1, mantissa, exponent):
         e = np.float64(exponent[p] + 1 if big else exponent[p])
         s = (m - 1.0) / (m + 1.0)
         s2 = s * s
-        series = 1.0 + s2 * (
-            1.0 / 3.0
-            + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 * (1.0 / 11.0 + s2 / 13.0))))
-        )
+        series = 1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0))))
         log_u1 = np.float32(e * _LN2 + 2.0 * s * series)
         radius = np.sqrt(np.float32(log_u1 * _MINUS_TWO))
         theta = _uniform(wb[p]) * _TWO_PI
@@ -342,14 +322,17 @@ def _field_rows(coef, sx, cut, W, rows):
 
 
 @njit(**_OPTIONS)
-def _sample_points(rows, sy, cut, H, W, nearest, u, v, corner, step_x, step_y, weights):
-    """Each pixel's source point ``(x - dx, y - dy)``, clamped to the image (float32,
-    exactly as the reference): the offset of its top-left neighbour (or of the nearest
-    pixel), the steps to the others (0 on the last row or column) and the four bilinear
-    weights ``(1 - wy)(1 - wx)``, ``(1 - wy) wx``, ``wy (1 - wx)``, ``wy wx``, each rounded
-    as the reference rounds it before multiplying the pixel."""
+def _warp(rows, sy, cut, H, W, C, nearest, u, v, px, py, source, out):
+    """``tau x`` of every channel, row by row: each pixel's source point ``(x - dx, y - dy)``
+    from the field's second half (``dx = W sum_j S_y[y, j] rows[0, j, x]``, rounded to
+    float32 once) clamped to the image (a vectorised pass per row), then the nearest pixel
+    or the bilinear sum with the reference's weights and order (``((1 - wy)(1 - wx)) x00
+    + ...``, each product rounded: no contraction here), the point read once for all the
+    pixel's channels. Offsets are unsigned: no negative-index wrap-around in the loop."""
+    HW = np.uint64(H * W)
     x_limit = np.float32(W - 1)
     y_limit = np.float32(H - 1)
+    width = np.uint64(W)
     for y in range(H):
         u[:] = 0.0
         v[:] = 0.0
@@ -361,55 +344,36 @@ def _sample_points(rows, sy, cut, H, W, nearest, u, v, corner, step_x, step_y, w
                 u[i] += a * row_u[i]
                 v[i] += a * row_v[i]
         fy = np.float32(y)
-        at = y * W
-        corner_row = corner[at : at + W]
-        step_x_row = step_x[at : at + W]
-        step_y_row = step_y[at : at + W]
-        w00, w01 = weights[0, at : at + W], weights[1, at : at + W]
-        w10, w11 = weights[2, at : at + W], weights[3, at : at + W]
         for i in range(W):
-            px = min(max(np.float32(i) - np.float32(u[i] * W), _ZERO), x_limit)
-            py = min(max(fy - np.float32(v[i] * H), _ZERO), y_limit)
+            px[i] = min(max(np.float32(i) - np.float32(u[i] * W), _ZERO), x_limit)
+            py[i] = min(max(fy - np.float32(v[i] * H), _ZERO), y_limit)
+        here = np.uint64(y) * width
+        for i in range(W):
+            at = here + np.uint64(i)
             if nearest:
-                px = np.floor(px + _HALF)
-                py = np.floor(py + _HALF)
-            x0 = np.floor(px)
-            y0 = np.floor(py)
-            wx = px - x0
-            wy = py - y0
-            w00[i] = (_ONE - wy) * (_ONE - wx)
-            w01[i] = (_ONE - wy) * wx
-            w10[i] = wy * (_ONE - wx)
-            w11[i] = wy * wx
-            corner_row[i] = np.uint64(y0) * np.uint64(W) + np.uint64(x0)
-            step_x_row[i] = 1 if x0 < x_limit else 0
-            step_y_row[i] = W if y0 < y_limit else 0
-
-
-@njit(**_OPTIONS)
-def _warp(source, C, HW, nearest, corner, step_x, step_y, weights, out):
-    """``tau x`` of every channel, pixel by pixel (the offsets and weights of a pixel are
-    read once for all its channels): the nearest pixel, or the bilinear sum in the
-    reference's order. Unsigned offsets: no negative-index wrap-around in the loop."""
-    w00, w01, w10, w11 = weights[0], weights[1], weights[2], weights[3]
-    for p in range(HW):
-        o = corner[p]
-        if nearest:
+                o = np.uint64(np.floor(py[i] + _HALF)) * width + np.uint64(np.floor(px[i] + _HALF))
+                for c in range(C):
+                    base = np.uint64(c) * HW
+                    out[base + at] = source[base + o]
+                continue
+            x0 = np.floor(px[i])
+            y0 = np.floor(py[i])
+            wx = px[i] - x0
+            wy = py[i] - y0
+            w00 = (_ONE - wy) * (_ONE - wx)
+            w01 = (_ONE - wy) * wx
+            w10 = wy * (_ONE - wx)
+            w11 = wy * wx
+            o = np.uint64(y0) * width + np.uint64(x0)
+            ox = np.uint64(1) if x0 < x_limit else np.uint64(0)
+            oy = width if y0 < y_limit else np.uint64(0)
             for c in range(C):
-                base = np.uint64(c * HW)
-                out[base + p] = source[base + o]
-            continue
-        ox = step_x[p]
-        oy = step_y[p]
-        a, b, d, e = w00[p], w01[p], w10[p], w11[p]
-        for c in range(C):
-            at = np.uint64(c * HW) + o
-            out[c * HW + p] = (
-                a * source[at]
-                + b * source[at + ox]
-                + d * source[at + oy]
-                + e * source[at + oy + ox]
-            )
+                base = np.uint64(c) * HW
+                k = base + o
+                out[base + at] = (
+                    w00 * source[k] + w01 * source[k + ox] + w10 * source[k + oy]
+                    + w11 * source[k + oy + ox]
+                )  # fmt: skip
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
@@ -476,10 +440,8 @@ def _images(lo, hi, x, x_strides, tau, noisy, out_strides, T, ids, cuts, std, sx
     rows = np.empty((2, cm, W), np.float64)
     u = np.empty(W, np.float64)
     v = np.empty(W, np.float64)
-    corner = np.empty(HW, np.uint64)
-    step_x = np.empty(HW, np.uint64)
-    step_y = np.empty(HW, np.uint64)
-    weights = np.empty((4, HW), np.float32)
+    px = np.empty(W, np.float32)
+    py = np.empty(W, np.float32)
     sxb, sxc, sxh, sxw = x_strides
     sob, soc, soh, sow = out_strides
     for b in range(lo, hi):
@@ -492,8 +454,7 @@ def _images(lo, hi, x, x_strides, tau, noisy, out_strides, T, ids, cuts, std, sx
         _normals(w[0], w[1], n_modes, n[0], n[1], u1, mantissa, exponent)
         _coefficients(n[0], std, np.sqrt(np.float32(T[b])), cut, coef)
         _field_rows(coef, sx, cut, W, rows)
-        _sample_points(rows, sy, cut, H, W, nearest, u, v, corner, step_x, step_y, weights)
-        _warp(xf, C, HW, nearest, corner, step_x, step_y, weights, tauf)
+        _warp(rows, sy, cut, H, W, C, nearest, u, v, px, py, xf, tauf)
         if noise != NOISE_NONE:
             for c in range(C):
                 _noise_channel(noise_c0[c * n_row :], noise_c1[c * n_row :], H, W, id_lo,
