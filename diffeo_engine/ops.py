@@ -24,6 +24,7 @@ import torch
 from diffeo_engine import operators, reference
 from diffeo_engine.physics import (
     IMAGE_DTYPES,
+    MEMORY_CHECK_FLOOR,
     _is_integer,
     check_cuts,
     check_field,
@@ -116,22 +117,18 @@ def resolved_backend(device: torch.device | str, dtype: torch.dtype, backend: st
     return "torch"
 
 
-if torch.cuda.is_available() or _interpreter_enabled():
-    # registered at import, so that a trace never registers it (without triton,
-    # backend="torch" and "cpu" work and "triton" raises the ImportError when used)
-    with contextlib.suppress(ImportError):
-        operators.kernel_ops()
-
-
 def _check_size(images, cut, out_dtype, backend: str, outputs: int) -> None:
     """Refuse, naming ``images``, a call whose outputs and the temporaries of the path that
     will run exceed what the device can give (:func:`physics.check_memory`), before
     anything is allocated: a few integer operations per call. Malformed arguments are left
     to the checks that name them."""
-    if torch.compiler.is_compiling():
-        return  # traced: sizes may be symbolic; the eager call checked them
     if not torch.is_tensor(images) or images.dim() != 4 or images.dtype not in IMAGE_DTYPES:
         return
+    if torch.compiler.is_compiling():
+        return  # traced: sizes may be symbolic; the eager call checked them
+    largest = cut if type(cut) is int else 64
+    if (images.numel() + images.shape[0] * largest * largest) * 256 <= MEMORY_CHECK_FLOOR:
+        return  # a bound on every path's estimate (perturbation_bytes): nothing to weigh
     if not isinstance(out_dtype, torch.dtype) or out_dtype not in IMAGE_DTYPES:
         out_dtype = torch.float32 if images.dtype == torch.uint8 else images.dtype
     if backend == "cpu" and images.dtype == torch.float64:
@@ -148,6 +145,13 @@ def _check_size(images, cut, out_dtype, backend: str, outputs: int) -> None:
         "images", nbytes, images.device,
         what=f"{kind} {B} image(s) of {C}x{H}x{W} (backend {path!r})",
     )  # fmt: skip
+
+
+if torch.cuda.is_available() or _interpreter_enabled():
+    # registered at import, so that a trace never registers it (without triton,
+    # backend="torch" and "cpu" work and "triton" raises the ImportError when used)
+    with contextlib.suppress(ImportError):
+        operators.kernel_ops()
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,7 @@ def _checked(images, T, cut, seed, ids, sigma, noise, interp, out_dtype, backend
     B, _, H, W = images.shape
     cut, cuts = check_cuts(cut, B, images.device)
     ids = check_ids(ids, B, images.device)
-    check_field(T, cut, H, W, ids, cuts)  # before T becomes a tensor
+    check_field(T, cut, H, W, cuts)  # before T becomes a tensor
     T = check_T(T, B, images.device, check_values=not torch.compiler.is_compiling())
     implementation = _implementation(images, backend)
     return _Call(

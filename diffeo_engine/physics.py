@@ -31,7 +31,6 @@ __all__ = [
     "check_field",
     "check_finite",
     "check_float",
-    "check_id_values",
     "check_ids",
     "check_images",
     "check_in_dtype",
@@ -291,16 +290,18 @@ def check_T(T, n_images: int, device: torch.device, *, check_values: bool = True
     return T.to(torch.float32).contiguous()
 
 
-def check_ids(ids, n_images: int, device: torch.device | str | None) -> torch.Tensor:
+def check_ids(
+    ids, n_images: int, device: torch.device | str | None, *, tensor_values: bool = True
+) -> torch.Tensor:
     """Image ids as an int64 tensor of shape ``(n_images,)``; ``None`` means ``0..n-1``.
 
     Ids are integers in ``[0, 2**63)``: a sequence, any iterable (read once, e.g. a
-    generator) of Python or NumPy integers, or an integer tensor of any integer dtype.
-    Python values are checked here, and ``uint64`` CPU tensors (values from ``2**63`` on
-    are refused); other tensors' values by :func:`check_id_values` where a public call
-    needs it (:mod:`~diffeo_engine.rng` keys any int64 by its 64-bit pattern). A CUDA
-    tensor's values are not read (a device sync): there a ``uint64`` id from ``2**63`` on
-    is the int64 of the same bits.
+    generator) or an integer tensor. Python values and CPU tensors are checked here (a
+    CUDA tensor's values are not read: that would cost a device sync); with
+    ``tensor_values=False`` a tensor's values are not read at all: :mod:`~diffeo_engine.rng`
+    keeps any int64 id as its 64-bit pattern. NumPy integers are integers, and a tensor
+    may have any integer dtype: a ``uint64`` id from ``2**63`` on is refused (on a CUDA
+    tensor, not read, it is the int64 of the same bits).
     """
     if ids is None:
         return torch.arange(n_images, dtype=torch.int64, device=device)
@@ -330,23 +331,18 @@ def check_ids(ids, n_images: int, device: torch.device | str | None) -> torch.Te
         raise ValueError(
             f"ids: expected one id per image, shape ({n_images},), got {tuple(ids.shape)}"
         )
-    out = ids.to(torch.int64)
-    if ids.dtype == torch.uint64:  # values from 2**63 on would wrap to negative int64
-        check_id_values(out, wrapped=True)
+    out = ids.to(torch.int64)  # (min is not implemented for unsigned dtypes)
+    if (
+        tensor_values
+        and out.device.type == "cpu"
+        and out.numel()
+        and not torch.compiler.is_compiling()
+    ):
+        low = int(out.min())
+        if low < 0:  # a uint64 id from 2**63 on wraps to a negative int64
+            value = low + (1 << 64) if ids.dtype == torch.uint64 else low
+            raise ValueError(f"ids: expected {bound}, got {value}")
     return out
-
-
-def check_id_values(ids: torch.Tensor, *, wrapped: bool = False) -> None:
-    """Refuse negative ids of an int64 tensor (the public calls' range is ``[0, 2**63)``;
-    :mod:`~diffeo_engine.rng` itself keys any int64 by its bits). One ``min`` on the CPU;
-    a CUDA tensor is not read (a device sync), nor a traced one. ``wrapped``: the ids were
-    ``uint64``, so a negative one is reported as the value it had there."""
-    if ids.device.type != "cpu" or not ids.numel() or torch.compiler.is_compiling():
-        return
-    low = int(ids.min())
-    if low < 0:
-        value = low + (1 << 64) if wrapped else low
-        raise ValueError(f"ids: expected integers in [0, 2**63), got {value}")
 
 
 def _iterable(value) -> bool:
@@ -542,12 +538,12 @@ def check_cut_for_image(cut: int, H: int, W: int) -> int:
     return cut
 
 
-def check_field(T, cut: int, H: int, W: int, ids=None, cuts: torch.Tensor | None = None) -> None:
+def check_field(T, cut: int, H: int, W: int, cuts: torch.Tensor | None = None) -> None:
     """``T`` and ``cut`` against the image size, before the field is drawn.
 
     ``cut`` (the batch's largest when ``cuts`` gives one per image) is checked by
-    :func:`check_cut_for_image`; negative ``ids`` are refused (:func:`check_id_values`). A
-    typical displacement above ``MAX_TYPICAL_DISPLACEMENT`` pixels (float32 coordinates lose
+    :func:`check_cut_for_image`. A typical
+    displacement above ``MAX_TYPICAL_DISPLACEMENT`` pixels (float32 coordinates lose
     sub-pixel resolution) is refused naming ``T``; ``T`` above ``T_max`` warns
     (:class:`FoldingWarning`): the field folds the image. Each image is judged with its own
     ``T`` and ``cut``. Values of tensors are read only on the CPU (no device sync), and not
@@ -556,8 +552,6 @@ def check_field(T, cut: int, H: int, W: int, ids=None, cuts: torch.Tensor | None
     check_cut_for_image(cut, H, W)
     if torch.compiler.is_compiling():
         return
-    if torch.is_tensor(ids):
-        check_id_values(ids)
     if not _is_integer(cut) or cut < 2:
         return
     if cuts is not None and cuts.device.type != "cpu":

@@ -18,7 +18,6 @@ from diffeo_engine.physics import (
     check_displacement,
     check_field,
     check_finite,
-    check_id_values,
     check_ids,
     check_images,
     check_int,
@@ -78,7 +77,6 @@ def sample_coefficients(
         what=f"drawing {n_images} image(s) of (2, {cut}, {cut}) coefficients",
     )  # fmt: skip
     ids = check_ids(ids, n_images, device)
-    check_id_values(ids)
     T = check_T(T, n_images, device)
     std = _image_std(_std(cut, device), cuts)
     normals = rng.coefficient_normals(seed, ids, cut)
@@ -275,7 +273,7 @@ def _run(core, images, T, cut, seed, ids, *extra, interp, out_dtype, allow_nonfi
     cut, cuts = check_cuts(cut, B, images.device, maximum=rng.MAX_CUT)
     seed = check_seed(seed)
     ids = check_ids(ids, B, images.device)
-    check_field(T, cut, H, W, ids, cuts)
+    check_field(T, cut, H, W, cuts)
     T = check_T(T, B, images.device)
     key = torch.tensor(seed, dtype=torch.int64, device=images.device)
     std = _image_std(_std(cut, images.device), cuts)

@@ -117,7 +117,7 @@ def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.
 def _checked_key(seed: int, ids, device) -> torch.Tensor:
     check_seed(seed)
     n = ids.shape[0] if torch.is_tensor(ids) else len(ids)
-    return check_ids(ids, n, device)
+    return check_ids(ids, n, device, tensor_values=False)
 
 
 def _id_words(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
