@@ -505,8 +505,10 @@ def max_cut(H: int, W: int) -> int:
     independent ones (``i = n - 1`` vanishes at every pixel, larger ``i`` alias smaller
     ones). The disc ``sqrt(i^2 + j^2) < cut + 1/2`` holds every mode with ``i <= W - 2``,
     ``j <= H - 2`` once ``cut + 1/2 > sqrt((W - 2)^2 + (H - 2)^2)``; a larger ``cut`` adds
-    only aliases (and costs ``cut^2``).
+    only aliases (and costs ``cut^2``). ``H, W >= 2``.
     """
+    if type(H) is not int or type(W) is not int or H < 2 or W < 2:  # (fast path first)
+        H, W = check_int("H", H, 2), check_int("W", W, 2)
     return max(1, math.floor(math.hypot(W - 2, H - 2) - 0.5) + 1)
 
 

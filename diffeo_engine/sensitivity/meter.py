@@ -119,7 +119,8 @@ class SensitivityMeter:
         error_groups: ``G``, the number of interleaved groups of images of the
             delete-one-group jackknife that gives every ``*_err`` (the image at position
             ``n`` of the stream goes to group ``n mod G``). Memory is ``G`` times each
-            layer's size.
+            layer's size. With fewer than two groups holding images (``G = 1`` saves
+            memory) the errors are not defined: every ``*_err`` is NaN.
         autocast_dtype: run the forward pass under ``torch.autocast`` with this dtype.
         channels_last: convert the model (in place) and the 4D batches to channels_last.
         input_dtype: the dtype fed to the model; default that of its first floating
