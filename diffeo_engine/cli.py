@@ -14,6 +14,7 @@ import importlib
 import math
 import os
 import sys
+import tempfile
 
 __all__ = ["build_parser", "main"]
 
@@ -47,6 +48,39 @@ OUT_KIND = {
     "demo": "picture", "show": "picture", "bench": "any",
 }  # fmt: skip
 PICTURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+# Every path argument of a command, checked in this order before any work: (attribute, the
+# flag as typed, kind). Kinds: "input" (a data source: an existing folder or regular file,
+# or a torchvision:/cifar10: spec), "file"/"files" (existing regular files), "model" (the
+# file of file.py:factory), and the outputs "picture", "folder" and "any" (OUT_KIND).
+# Commands not listed (generate, verify, export, reproduce) check their own; --out of every
+# command is checked here.
+PATH_FLAGS: dict[str, tuple[tuple[str, str, str], ...]] = {
+    "demo": (("out", "--out", "picture"),),
+    "show": (("source", "IMAGE", "input"), ("out", "--out", "picture")),
+    "sensitivity": (
+        ("model", "--model", "model"), ("data", "--data", "input"),
+        ("weights", "--weights", "file"), ("out", "--out", "folder"),
+    ),
+    "bench": (("merge", "--merge", "files"), ("out", "--out", "any")),
+}  # fmt: skip
+# The CLI spelling of the API's argument names: an error of a command in SPELLED that
+# begins "cut: ..." (the name of a Python argument) is shown as "--cut: ...". One table for
+# every command, and the names a command spells otherwise (show's source is IMAGE).
+FLAGS = {
+    "T": "--T", "cut": "--cut", "seed": "--seed", "batch_size": "--batch-size",
+    "device": "--device", "out": "--out", "backend": "--backend", "interp": "--interp",
+    "noise": "--noise", "resize": "--resize", "size": "--size", "index": "--index",
+    "per_image": "--per-image", "perturbations_per_image": "--per-image",
+    "error_groups": "--error-groups", "reduce": "--reduce", "metric": "--metric",
+    "estimator": "--estimator", "layers": "--layers", "limit": "--limit",
+    "timeout_s": "--dist-timeout", "dtypes": "--dtypes", "providers": "--providers",
+    "shapes": "--shapes", "docs": "--merge", "targets": "--targets",
+}  # fmt: skip
+COMMAND_FLAGS = {
+    "show": {"input": "IMAGE", "image": "IMAGE"},
+    "sensitivity": {"input": "--data", "name": "--model", "settings": "--T, --cut"},
+}
+SPELLED = ("demo", "show", "sensitivity", "bench")
 DEBUG_ENV = "DIFFEO_ENGINE_DEBUG"
 # bad input or usage (exit status 2); anything else is a failed run (1)
 USAGE_ERRORS = (
@@ -82,6 +116,47 @@ def demo_images(n: int, size: int = 32):
     return torch.stack([red, green, blue], dim=1)
 
 
+def _check_demo(args: argparse.Namespace) -> float:
+    """Every demo flag before any work; the temperature to use."""
+    import warnings
+
+    import torch
+
+    from diffeo_engine import ops
+    from diffeo_engine.physics import (
+        check_cut,
+        check_field,
+        check_int,
+        check_memory,
+        check_scalar_T,
+        check_seed,
+        perturbation_bytes,
+        temperature_range,
+    )
+
+    B = check_int("--batch-size", args.batch_size, 1)
+    size = check_int("--size", args.size, 2)
+    check_cut(args.cut, minimum=2)
+    check_seed(args.seed)
+    T_min, T_max = temperature_range(size, args.cut)
+    T = check_scalar_T(args.T) if args.T is not None else math.sqrt(T_min * T_max)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run itself warns of folds
+        check_field(T, args.cut, size, size)
+    path = ops.resolved_backend(args.device, torch.float32, args.backend)
+    nbytes = 4 * 4 * B * 3 * size * size  # the built-in batch and its temporaries
+    nbytes += perturbation_bytes((B, 3, size, size), torch.float32, outputs=2, path=path, chunk=128)
+    if args.out is not None:
+        from diffeo_engine.pictures import figure_bytes
+
+        nbytes += figure_bytes(3, size, size)
+    check_memory(
+        "--size" if size * size >= B else "--batch-size", nbytes, args.device,
+        what=f"the demo of {B} image(s) of 3x{size}x{size}",
+    )  # fmt: skip
+    return T
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     import time
 
@@ -89,13 +164,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     import diffeo_engine
     from diffeo_engine import ops
-    from diffeo_engine.physics import check_int, temperature_range, typical_displacement
+    from diffeo_engine.physics import temperature_range, typical_displacement
 
-    check_int("--batch-size", args.batch_size, 1)
-    check_int("--size", args.size, 2)
+    T = _check_demo(args)
     images = demo_images(args.batch_size, args.size).to(args.device)
     T_min, T_max = temperature_range(args.size, args.cut)
-    T = args.T if args.T is not None else math.sqrt(T_min * T_max)
     start = time.perf_counter()
     tau_x, noisy = ops.perturb(images, T, args.cut, seed=args.seed, backend=args.backend)
     elapsed = time.perf_counter() - start
@@ -110,7 +183,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"typical displacement: {typical_displacement(T, args.cut, args.size):.2f} px")
     print(f"mean ||tau x - x|| = {change.mean():.4f}, mean ||eta|| = {noise.mean():.4f}")
     print(f"max | ||eta|| - ||tau x - x|| | = {(noise - change).abs().max():.2e}")
-    if args.out:
+    if args.out is not None:
         from diffeo_engine.pictures import save_perturbation_figure
 
         save_perturbation_figure(
@@ -142,9 +215,26 @@ def _add_demo(subparsers) -> None:
 
 
 def _run_show(args: argparse.Namespace) -> int:
-    from diffeo_engine.pictures import load_image, save_perturbation_figure
+    from diffeo_engine.data.sources import parse_resize
+    from diffeo_engine.physics import (
+        check_cut,
+        check_int,
+        check_memory,
+        check_seed,
+        temperature_range,
+    )
+    from diffeo_engine.pictures import figure_bytes, load_image, save_perturbation_figure
 
+    check_int("--index", args.index, 0)
+    check_cut(args.cut, minimum=2)
+    check_seed(args.seed)
+    size = parse_resize(args.resize)
+    if size is not None:  # the resized image is made before anything else
+        H, W = size
+        nbytes = 4 * 4 * H * W + figure_bytes(4, H, W)
+        check_memory("--resize", nbytes, args.device, what=f"drawing a {H}x{W} image")
     image = load_image(args.source, index=args.index, resize=args.resize).to(args.device)
+    temperature_range(math.sqrt(image.shape[-2] * image.shape[-1]), args.cut)  # --cut vs image
     save_perturbation_figure(
         args.out, image, cut=args.cut, seed=args.seed, image_id=args.index,
         backend=args.backend, title=f"{os.path.basename(args.source.rstrip('/'))} [{args.index}]",
@@ -234,25 +324,122 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
-def check_out(command: str, out: str | None) -> None:
-    """Refuse an output path that cannot be written before any work starts."""
-    if not out:
+def _check_writable(folder: str, flag: str, target: str) -> None:
+    """Create and remove a probe file in ``folder``: the one test that holds for root, for
+    read-only mounts and for pseudo file systems such as ``/proc``."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".diffeo-engine-", suffix=".probe", dir=folder)
+    except OSError as error:
+        raise UsageError(
+            f"{flag}: cannot write in {folder} ({error.strerror or error}), so {target} "
+            "cannot be written"
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def _existing_kind(path: str) -> str | None:
+    """What ``path`` is when it exists and is neither a folder nor a regular file."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return None
+    from diffeo_engine.data.sources.safe import file_kind
+
+    return file_kind(mode)
+
+
+def check_out(command: str, out: str | None, flag: str = "--out", kind: str | None = None) -> None:
+    """Refuse an output path that cannot be written, before any work starts. A folder may
+    be new (it is created with its parents); a file's folder must exist; either way a probe
+    file is written and removed where the output will go."""
+    if out is None:
         return
-    kind = OUT_KIND.get(command, "any")
-    if kind == "folder" and os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out: {out} exists and is not a folder (expected a folder)")
-    if kind == "picture":
-        if os.path.isdir(out):
-            raise UsageError(f"--out: {out} is a folder (expected a picture file such as d.png)")
-        if not out.lower().endswith(PICTURE_SUFFIXES):
-            raise UsageError(
-                f"--out: expected a picture file ending in {', '.join(PICTURE_SUFFIXES)}, got {out}"
-            )
-    base = _nearest_existing(out if kind == "folder" else os.path.dirname(out) or ".")
-    if not os.path.isdir(base):
-        raise UsageError(f"--out: {base} is a file, so {out} cannot be created")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise UsageError(f"--out: {base} is not writable")
+    if out == "":
+        raise UsageError(f"{flag}: expected a path, got '' (write '.' for this folder)")
+    kind = kind or OUT_KIND.get(command, "any")
+    if kind == "any":  # a folder when it is one or ends in a separator, else a file
+        kind = "folder" if os.path.isdir(out) or out.endswith(("/", os.sep)) else "file"
+    special = _existing_kind(out)
+    if special is not None:
+        raise UsageError(f"{flag}: {out} is {special}, not a regular file or a folder; refused")
+    if kind == "folder":
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise UsageError(f"{flag}: {out} exists and is not a folder (expected a folder)")
+        base = _nearest_existing(out)
+        if not os.path.isdir(base):
+            raise UsageError(f"{flag}: {base} is a file, so {out} cannot be created")
+        _check_writable(base, flag, out)
+        return
+    if os.path.isdir(out):
+        expected = "a picture file such as d.png" if kind == "picture" else "a file"
+        raise UsageError(f"{flag}: {out} is a folder (expected {expected})")
+    if kind == "picture" and not out.lower().endswith(PICTURE_SUFFIXES):
+        raise UsageError(
+            f"{flag}: expected a picture file ending in {', '.join(PICTURE_SUFFIXES)}, got {out}"
+        )
+    folder = os.path.dirname(out) or "."
+    if not os.path.exists(folder):
+        base = _nearest_existing(folder)
+        if not os.path.isdir(base):
+            raise UsageError(f"{flag}: {base} is a file, so {out} cannot be created")
+        raise UsageError(f"{flag}: the folder {folder} does not exist (create it first)")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag}: {folder} is a file, so {out} cannot be created")
+    _check_writable(folder, flag, out)
+
+
+def _check_input(value: str, flag: str, kind: str) -> None:
+    """An input path argument (see ``PATH_FLAGS``)."""
+    from diffeo_engine.data.sources.safe import check_regular
+
+    if kind == "model":  # NAME, module.path:factory, or file.py:factory (the file is read)
+        target = value.rpartition(":")[0]
+        if target.endswith(".py"):
+            check_regular(os.path.expanduser(target), flag, follow=True)
+        return
+    if value == "":
+        raise UsageError(f"{flag}: expected a path, got '' (write '.' for this folder)")
+    if kind == "input":
+        from diffeo_engine.generate.command import check_input_flag
+
+        check_input_flag(value, flag)
+    else:
+        check_regular(os.path.expanduser(value), flag, follow=True)
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Every path argument of the command (``PATH_FLAGS``; ``--out`` of the others): an
+    empty path, a missing input, a FIFO or device, an output that cannot be written are
+    refused in one line naming the flag, before any work."""
+    table = PATH_FLAGS.get(args.command)
+    if table is None:
+        check_out(args.command, getattr(args, "out", None))
+        return
+    for attribute, flag, kind in table:
+        value = getattr(args, attribute, None)
+        if value is None:
+            continue
+        if kind in ("picture", "folder", "any"):
+            check_out(args.command, value, flag, kind)
+        else:
+            for item in value if kind == "files" else [value]:
+                _check_input(item, flag, "file" if kind == "files" else kind)
+
+
+def spelled(text: str, command: str) -> str:
+    """``text`` with its leading argument names (``cut: ...``, ``T, cut: ...``) written as
+    the command's flags (``FLAGS``, ``COMMAND_FLAGS``); other text is left as it is."""
+    head, sep, rest = text.partition(": ")
+    flags = {**FLAGS, **COMMAND_FLAGS.get(command, {})}
+    names = head.split(", ")
+    if not sep or not all(name in flags for name in names):
+        return text
+    return ", ".join(dict.fromkeys(flags[name] for name in names)) + ": " + rest
 
 
 def _one_line(error: BaseException) -> str:
@@ -265,12 +452,13 @@ def _one_line(error: BaseException) -> str:
 
 
 def _check_common(args: argparse.Namespace) -> None:
-    """Checks shared by every command, before its module runs."""
-    check_out(args.command, getattr(args, "out", None))
+    """Checks shared by every command, before its module runs: the device, then every path
+    argument (:func:`check_paths`)."""
     if getattr(args, "device", None) is not None:
         from diffeo_engine.physics import check_device
 
         check_device(args.device, "--device")
+    check_paths(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,5 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         usage = isinstance(error, USAGE_ERRORS)
         hint = "" if usage else " (--debug shows the traceback)"
-        print(f"{prefix}: error: {_one_line(error)}{hint}", file=sys.stderr)
+        text = _one_line(error)
+        if command in SPELLED:
+            text = spelled(text, command)
+        print(f"{prefix}: error: {text}{hint}", file=sys.stderr)
         return 2 if usage else 1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
+import numbers
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -158,7 +159,7 @@ def resolve_timeout(timeout_s: float | None = None) -> float:
             timeout_s = float(text)
         except ValueError:
             raise ValueError(f"{TIMEOUT_ENV}: expected seconds, got {text!r}") from None
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real):
         raise TypeError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
     if not (timeout_s > 0 and math.isfinite(timeout_s)):
         raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s}")

@@ -23,6 +23,9 @@ import torch
 
 from diffeo_engine import operators, reference
 from diffeo_engine.physics import (
+    IMAGE_DTYPES,
+    MEMORY_CHECK_FLOOR,
+    _is_integer,
     check_cuts,
     check_field,
     check_finite,
@@ -30,11 +33,14 @@ from diffeo_engine.physics import (
     check_images,
     check_in_dtype,
     check_interp,
+    check_memory,
+    check_noise,
     check_out_dtype,
     check_overflow,
     check_scalar_T,
     check_seed,
     check_T,
+    perturbation_bytes,
 )
 
 __all__ = ["BACKENDS", "deform", "perturb", "resolved_backend"]
@@ -111,6 +117,36 @@ def resolved_backend(device: torch.device | str, dtype: torch.dtype, backend: st
     if device == "cpu" and dtype != torch.float64 and cpu_kernel() is not None:
         return "cpu"
     return "torch"
+
+
+def _check_size(images, cut, out_dtype, backend: str, outputs: int) -> None:
+    """Refuse, naming ``images``, a call whose outputs and the temporaries of the path that
+    will run exceed what the device can give (:func:`physics.check_memory`), before
+    anything is allocated: a few integer operations per call. Malformed arguments are left
+    to the checks that name them."""
+    if not torch.is_tensor(images) or images.dim() != 4 or images.dtype not in IMAGE_DTYPES:
+        return
+    if torch.compiler.is_compiling():
+        return  # traced: sizes may be symbolic; the eager call checked them
+    largest = cut if type(cut) is int else 64
+    if (images.numel() + images.shape[0] * largest * largest) * 256 <= MEMORY_CHECK_FLOOR:
+        return  # a bound on every path's estimate (perturbation_bytes): nothing to weigh
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in IMAGE_DTYPES:
+        out_dtype = torch.float32 if images.dtype == torch.uint8 else images.dtype
+    if backend == "cpu" and images.dtype == torch.float64:
+        return  # refused by name below
+    path = resolved_backend(images.device, images.dtype, backend)
+    chunk = reference._CPU_CHUNK if images.device.type == "cpu" else None
+    nbytes = perturbation_bytes(
+        images.shape, out_dtype, outputs=outputs, path=path,
+        cut=int(cut) if _is_integer(cut) else 64, chunk=chunk,
+    )  # fmt: skip
+    B, C, H, W = images.shape
+    kind = "perturbing" if outputs == 2 else "deforming"
+    check_memory(
+        "images", nbytes, images.device,
+        what=f"{kind} {B} image(s) of {C}x{H}x{W} (backend {path!r})",
+    )  # fmt: skip
 
 
 if torch.cuda.is_available() or _interpreter_enabled():
@@ -277,9 +313,13 @@ def deform(
     """``tau x``: each image deformed by its max-entropy diffeomorphism, keyed by ``(seed, id)``.
 
     ``T`` is a float or one per image; ``cut`` an integer or one per image (each image keeps
-    its own disc of modes, whatever the others of its batch).
+    its own disc of modes, whatever the others of its batch). ``out_dtype=torch.uint8`` of
+    float images costs one ``aminmax`` pass over them (only in that combination): images
+    all within ``[-1, 1]`` are refused, since uint8 keeps the 0..255 scale. A call whose
+    outputs and temporaries exceed the device's memory is refused before any allocation.
     """
     _check_backend(backend)
+    _check_size(images, cut, out_dtype, backend, 1)
     if backend == "torch":
         return reference.deform(
             images, T, cut, seed=seed, ids=ids, interp=interp, out_dtype=out_dtype,
@@ -306,12 +346,13 @@ def perturb(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tau x, x + eta)`` with matched (``||eta|| = ||tau x - x||``) or fixed-sigma noise."""
     _check_backend(backend)
+    _check_size(images, cut, out_dtype, backend, 2)
     if backend == "torch":
         return reference.perturb(
             images, T, cut, seed=seed, ids=ids, noise=noise, interp=interp, out_dtype=out_dtype,
             allow_nonfinite=allow_nonfinite,
         )  # fmt: skip
-    sigma = reference.check_noise(noise)
+    sigma = check_noise(noise)
     call = _checked(
         images, T, cut, seed, ids, sigma, True, interp, out_dtype, backend, allow_nonfinite
     )

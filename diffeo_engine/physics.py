@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -35,14 +36,19 @@ __all__ = [
     "check_in_dtype",
     "check_int",
     "check_int_or_pair",
+    "check_memory",
+    "check_noise",
     "check_overflow",
     "check_scalar_T",
     "check_seed",
     "check_stream",
+    "check_uint8_scale",
     "image_mode_masks",
     "max_cut",
+    "memory_limit",
     "mode_mask",
     "mode_variances",
+    "perturbation_bytes",
     "pixel_variance",
     "sine_table",
     "temperature_range",
@@ -105,12 +111,25 @@ def check_float(
     if value is None and allow_none:
         return None
     op = ">" if strict else ">="
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a finite number {op} {minimum}, got {value!r}")
-    value = float(value)
+    value = _to_float(name, value, f"a finite number {op} {minimum}")
     if not math.isfinite(value) or value < minimum or (strict and value == minimum):
         raise ValueError(f"{name}: expected a finite number {op} {minimum}, got {value}")
     return value
+
+
+def check_noise(noise) -> float | None:
+    """``"matched"`` (returns None) or a fixed ``sigma >= 0`` (a Python or NumPy number,
+    returned as a float that stays finite in float32, the dtype noise is drawn in)."""
+    if isinstance(noise, str):
+        if noise != "matched":
+            raise ValueError(f"noise: expected 'matched' or a sigma >= 0, got {noise!r}")
+        return None
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real):
+        raise TypeError(f"noise: expected 'matched' or a float sigma >= 0, got {_shown(noise)}")
+    sigma = _to_float("noise", noise, "'matched' or a finite sigma >= 0")
+    if not sigma >= 0 or not math.isfinite(sigma):
+        raise ValueError(f"noise: expected a finite sigma >= 0, got {sigma}")
+    return check_in_dtype("noise", sigma, torch.float32, what="noise is drawn in float32")
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
@@ -192,22 +211,47 @@ def check_stream(stream, limit: int) -> int:
     return int(stream)
 
 
-def _check_positive_size(name: str, value) -> float:
+def _shown(value) -> str:
+    """A short ``repr`` for messages (an integer of 400 digits is not printed whole)."""
+    if _is_integer(value) and abs(int(value)) >= 10**30:
+        return f"an integer of about {int(int(value).bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _to_float(name: str, value, expected: str) -> float:
+    """``float(value)`` for a real number, refusing (naming ``name``) what does not convert
+    (an integer beyond the float range, a type whose ``__float__`` fails)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a positive number, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: expected a positive finite number, got {value}")
-    return float(value)
+        raise TypeError(f"{name}: expected {expected}, got {_shown(value)}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(
+            f"{name}: expected {expected}, got {_shown(value)} (beyond the float range)"
+        ) from None
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"{name}: expected {expected}, got {_shown(value)} (float() fails: {error})"
+        ) from None
+
+
+def _check_positive_size(name: str, value) -> float:
+    number = _to_float(name, value, "a positive number")
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name}: expected a positive finite number, got {_shown(value)}")
+    return number
 
 
 def _check_scalar_T(T) -> float:
     if isinstance(T, bool) or not isinstance(T, numbers.Real):
         raise TypeError(f"T: expected a non-negative float or a tensor, got {type(T).__name__}")
-    if not math.isfinite(T):
-        raise ValueError(f"T: expected a finite temperature, got {T}")
-    if T < 0:
-        raise ValueError(f"T: expected a temperature >= 0, got {T}")
-    return float(T)
+    value = _to_float("T", T, "a finite temperature >= 0")
+    if not math.isfinite(value):
+        raise ValueError(f"T: expected a finite temperature, got {value}")
+    if value < 0:
+        raise ValueError(f"T: expected a temperature >= 0, got {value}")
+    return value
 
 
 def check_scalar_T(T) -> float:
@@ -255,7 +299,9 @@ def check_ids(
     generator) or an integer tensor. Python values and CPU tensors are checked here (a
     CUDA tensor's values are not read: that would cost a device sync); with
     ``tensor_values=False`` a tensor's values are not read at all: :mod:`~diffeo_engine.rng`
-    keeps any int64 id as its 64-bit pattern.
+    keeps any int64 id as its 64-bit pattern. NumPy integers are integers, and a tensor
+    may have any integer dtype: a ``uint64`` id from ``2**63`` on is refused (on a CUDA
+    tensor, not read, it is the int64 of the same bits).
     """
     if ids is None:
         return torch.arange(n_images, dtype=torch.int64, device=device)
@@ -285,16 +331,18 @@ def check_ids(
         raise ValueError(
             f"ids: expected one id per image, shape ({n_images},), got {tuple(ids.shape)}"
         )
+    out = ids.to(torch.int64)  # (min is not implemented for unsigned dtypes)
     if (
         tensor_values
-        and ids.device.type == "cpu"
-        and ids.numel()
+        and out.device.type == "cpu"
+        and out.numel()
         and not torch.compiler.is_compiling()
     ):
-        low = int(ids.min())
-        if low < 0:
-            raise ValueError(f"ids: expected {bound}, got {low}")
-    return ids.to(torch.int64)
+        low = int(out.min())
+        if low < 0:  # a uint64 id from 2**63 on wraps to a negative int64
+            value = low + (1 << 64) if ids.dtype == torch.uint64 else low
+            raise ValueError(f"ids: expected {bound}, got {value}")
+    return out
 
 
 def _iterable(value) -> bool:
@@ -371,7 +419,13 @@ def check_overflow(images: torch.Tensor, out: torch.Tensor, name: str = "images"
 
 
 def check_out_dtype(out_dtype, images: torch.Tensor) -> torch.dtype:
-    """The output dtype: the input's for float images, float32 for uint8, or as asked."""
+    """The output dtype: the input's for float images, float32 for uint8, or as asked.
+
+    ``torch.uint8`` output of float images costs one ``aminmax`` pass over them (only in
+    that combination): images on the unit scale (all within ``[-1, 1]``) are refused
+    (:func:`check_uint8_scale`), since uint8 keeps the 0..255 scale and would turn them
+    into 0/1 images.
+    """
     if out_dtype is None:
         return torch.float32 if images.dtype == torch.uint8 else images.dtype
     if not isinstance(out_dtype, torch.dtype) or out_dtype not in IMAGE_DTYPES:
@@ -379,7 +433,38 @@ def check_out_dtype(out_dtype, images: torch.Tensor) -> torch.dtype:
             "out_dtype: expected None, torch.uint8, float16, bfloat16, float32 or float64, "
             f"got {out_dtype!r}"
         )
+    if (
+        out_dtype == torch.uint8
+        and images.is_floating_point()
+        and images.numel() > 0
+        and images.device.type != "meta"
+        and not torch.compiler.is_compiling()
+    ):
+        low, high = (float(v) for v in torch.aminmax(images))
+        check_uint8_scale(
+            "out_dtype", low, high, where="these float images lie in",
+            fix="scale them to 0..255 first (images * 255) or ask for a float out_dtype",
+        )  # fmt: skip
     return out_dtype
+
+
+def check_uint8_scale(
+    name: str, low: float, high: float, *, where: str, fix: str, refuse_negative: bool = False
+) -> None:
+    """Refuse uint8 output of float values in ``[low, high]`` that are not on its 0..255
+    scale: values all within ``[-1, 1]`` (and not all 0) would round to 0 and 1; with
+    ``refuse_negative`` (a whole data set) any negative value too, which uint8 clamps to 0.
+    NaN extremes are left to the finite-value checks."""
+    unit = low >= -1.0 and high <= 1.0 and not low == high == 0.0
+    if not (unit or (refuse_negative and low < 0)):
+        return
+    effect = "round every pixel to 0 or 1" if unit else "clamp negative pixels to 0"
+    if unit and low < 0:
+        effect += " (and clamp the negative ones to 0)"
+    raise ValueError(
+        f"{name}: uint8 output keeps the 0..255 scale, but {where} [{low:.3g}, {high:.3g}]; "
+        f"it would {effect}. {fix[:1].upper()}{fix[1:]}"
+    )
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
@@ -420,8 +505,10 @@ def max_cut(H: int, W: int) -> int:
     independent ones (``i = n - 1`` vanishes at every pixel, larger ``i`` alias smaller
     ones). The disc ``sqrt(i^2 + j^2) < cut + 1/2`` holds every mode with ``i <= W - 2``,
     ``j <= H - 2`` once ``cut + 1/2 > sqrt((W - 2)^2 + (H - 2)^2)``; a larger ``cut`` adds
-    only aliases (and costs ``cut^2``).
+    only aliases (and costs ``cut^2``). ``H, W >= 2``.
     """
+    if type(H) is not int or type(W) is not int or H < 2 or W < 2:  # (fast path first)
+        H, W = check_int("H", H, 2), check_int("W", W, 2)
     return max(1, math.floor(math.hypot(W - 2, H - 2) - 0.5) + 1)
 
 
@@ -532,7 +619,7 @@ def _quiet(T: float, cut: int, H: int, W: int) -> bool:
 def _field_limits(T: float, cut: int, side: float) -> tuple[float, float]:
     """``(typical displacement, T_max)``: computed once per setting (a transform calls
     :func:`check_field` with the same values on every sample)."""
-    return typical_displacement(T, cut, side), temperature_range(side, cut)[1]
+    return typical_displacement(T, cut, side), _temperature_bounds(side, cut)[1]
 
 
 def check_displacement(displacement: torch.Tensor) -> torch.Tensor:
@@ -568,7 +655,8 @@ def check_device(value, name: str = "device") -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(
                 f"{name}: {value!r} asked for, but CUDA is not available here (torch "
-                f"{torch.__version__}, no usable GPU); use --device cpu"
+                f"{torch.__version__}, no usable GPU); use "
+                + ("--device cpu" if name.startswith("--") else f"{name}='cpu'")
             )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(
@@ -582,40 +670,230 @@ def check_device(value, name: str = "device") -> torch.device:
     return device
 
 
+# ------------------------------------------------------------------------------ memory
+
+# Below this many bytes an operation is not weighed against the machine (reading the
+# limits costs a few system calls; any machine this library runs on gives 256 MiB).
+MEMORY_CHECK_FLOOR = 1 << 28
+
+
+@functools.lru_cache(maxsize=1)
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _cgroup_memory() -> int | None:
+    """The memory limit of this process's cgroup (v2, else v1), if one is set."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as handle:
+                text = handle.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:
+            return int(text)
+    return None
+
+
+def _address_space_left() -> int | None:
+    """What ``RLIMIT_AS`` leaves this process (None when unlimited or unknown)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return None
+    used = 0
+    try:
+        with open("/proc/self/statm") as handle:
+            used = int(handle.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(soft - used, 0)
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:,.3g} GB" if nbytes < 1e12 else f"{nbytes / 1e9:,.0f} GB"
+
+
+def memory_limit(device: torch.device | str | None = None) -> tuple[int, str] | None:
+    """``(bytes, what bounds them)``: the most memory one operation on ``device`` can hope
+    for. CUDA: the device's total memory. CPU: the machine's physical memory (one
+    ``sysconf``), lowered by this process's cgroup limit and by what ``RLIMIT_AS`` leaves
+    it. None for devices whose memory is not known here."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        total = int(torch.cuda.get_device_properties(index).total_memory)
+        return total, f"the {_gb(total)} of cuda:{index}"
+    if device.type != "cpu":
+        return None
+    bounds = []
+    physical = _physical_memory()
+    if physical:
+        bounds.append((physical, f"the {_gb(physical)} of memory of this machine"))
+    cgroup = _cgroup_memory()
+    if cgroup:
+        bounds.append((cgroup, f"the {_gb(cgroup)} memory limit of this process's cgroup"))
+    left = _address_space_left()
+    if left is not None:
+        bounds.append((left, f"the {_gb(left)} of address space RLIMIT_AS leaves this process"))
+    return min(bounds) if bounds else None
+
+
+def check_memory(name: str, nbytes: float, device=None, *, what: str) -> None:
+    """Refuse, naming ``name``, an operation that would allocate about ``nbytes`` (its
+    outputs and the temporaries of the path that runs) on ``device`` beyond
+    :func:`memory_limit`: one ``ValueError`` before any work, not the allocator's error
+    (or a swapping machine) half-way. Nothing is read below ``MEMORY_CHECK_FLOOR``."""
+    if nbytes <= MEMORY_CHECK_FLOOR or torch.compiler.is_compiling():
+        return
+    bound = memory_limit(device)
+    if bound is not None and nbytes > bound[0]:
+        raise ValueError(
+            f"{name}: {what} would take about {_gb(nbytes)} of memory, more than "
+            f"{bound[1]}; use smaller sizes or batches"
+        )
+
+
+def _largest(parts: dict[str, float]) -> str:
+    """The name whose share of an estimate is the largest (the one to blame)."""
+    return max(parts, key=parts.get)
+
+
+def perturbation_bytes(
+    shape: Sequence[int],
+    out_dtype: torch.dtype,
+    *,
+    outputs: int,
+    path: str,
+    cut: int = 1,
+    chunk: int | None = None,
+) -> int:
+    """About the bytes ``deform`` (``outputs=1``) or ``perturb`` (2) of images of ``shape``
+    ``(B, C, H, W)`` allocates on ``path``: the outputs, plus the temporaries measured for
+    each path: ``"triton"`` none to speak of, ``"cpu"`` one image's scratch per thread,
+    ``"torch"`` (the reference) its compute-dtype outputs and, per ``chunk`` of images, the
+    gathers, the field and the Philox draws."""
+    B, C, H, W = (int(v) for v in shape)
+    pixels = H * W
+    total = outputs * B * C * pixels * out_dtype.itemsize
+    if path == "cpu":
+        total += min(B, torch.get_num_threads()) * pixels * (8 * outputs * C + 40)
+    elif path == "torch":
+        chunk = B if chunk is None else min(B, chunk)
+        total += outputs * B * C * pixels * 8
+        total += chunk * (pixels * (24 * outputs * C + 96) + 2 * cut * cut * 128)
+    return total
+
+
 # ----------------------------------------------------------------------------- physics
 
 
-def temperature_range(n: int, cut: int) -> tuple[float, float]:
-    """``(T_min, T_max)`` for a square image of side ``n``: half-pixel displacement, no folds."""
-    _check_positive_size("n", n)
-    check_cut(cut, minimum=2)
+def _area(n: float) -> float:
+    """``n^2`` of a checked side, refused where it leaves the float range."""
+    area = n * n
+    if area == 0 or math.isinf(area):
+        size = "small" if area == 0 else "large"
+        raise ValueError(f"n: {n:g} is too {size}: n^2 is {area:g} in floating point")
+    return area
+
+
+def _temperature_bounds(n: float, cut: int) -> tuple[float, float]:
+    """``(T_min, T_max)`` of design.md section 2 on checked arguments, whether or not they
+    cross; both must be positive floats (a side or cut beyond the float range is refused)."""
     log_cut = math.log(cut)
-    return 1.0 / (math.pi * n**2 * log_cut), 4.0 / (math.pi**3 * cut**2 * log_cut)
+    T_min = 1.0 / (math.pi * _area(n) * log_cut)
+    try:
+        T_max = 4.0 / (math.pi**3 * float(cut) ** 2 * log_cut)
+    except OverflowError:
+        T_max = 0.0
+    if not T_min > 0:
+        raise ValueError(f"n: {n:g} is too large: T_min = 1 / (pi n^2 log cut) underflows to 0")
+    if not T_max > 0:
+        raise ValueError(
+            f"cut: {_shown(cut)} is too large: T_max = 4 / (pi^3 cut^2 log cut) underflows to 0"
+        )
+    return T_min, T_max
+
+
+def temperature_range(n: int, cut: int, *, strict: bool = True) -> tuple[float, float]:
+    """``(T_min, T_max)`` for a square image of side ``n``: half-pixel displacement, no folds.
+
+    For ``cut > 2 n / pi`` the two cross (half-pixel motion already folds the image: no
+    temperature moves it visibly without folding): refused naming ``cut`` unless
+    ``strict=False``, which returns the crossed pair (``T_min > T_max``).
+    """
+    n = _check_positive_size("n", n)
+    cut = check_cut(cut, minimum=2)
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict: expected True or False, got {strict!r}")
+    T_min, T_max = _temperature_bounds(n, cut)
+    if strict and T_min > T_max:
+        raise ValueError(
+            f"cut: {cut} is above 2 n / pi = {2 * n / math.pi:.3g} for images of side n = "
+            f"{n:g}: T_min = {T_min:.3g} (half-pixel motion) exceeds T_max = {T_max:.3g} "
+            f"(folds), so no temperature moves the image visibly without folding it; use "
+            f"cut <= {max(2, math.floor(2 * n / math.pi))} or larger images"
+        )
+    return T_min, T_max
+
+
+def _finite(name: str, value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: {what} overflows a float (got {value})")
+    return value
 
 
 def typical_displacement(T: float, cut: int, n: int) -> float:
     """Typical displacement in pixels at the centre of a square image of side ``n``."""
     T = _check_scalar_T(T)
     check_cut(cut, minimum=2)
-    _check_positive_size("n", n)
-    return n * math.sqrt(math.pi * T * math.log(cut)) / 2.0
+    n = _check_positive_size("n", n)
+    shift = n * math.sqrt(math.pi * T * math.log(cut)) / 2.0
+    return _finite("T", shift, f"the typical displacement of T = {T:g} on side n = {n:g}")
 
 
 def typical_temperature(delta: float, cut: int, n: int) -> float:
     """The temperature whose typical displacement is ``delta`` pixels (inverse of the above)."""
-    if isinstance(delta, bool) or not isinstance(delta, numbers.Real):
-        raise TypeError(f"delta: expected a non-negative number, got {delta!r}")
+    delta = _to_float("delta", delta, "a displacement >= 0 in pixels")
     if not math.isfinite(delta) or delta < 0:
         raise ValueError(f"delta: expected a finite displacement >= 0, got {delta}")
     check_cut(cut, minimum=2)
-    _check_positive_size("n", n)
-    return 4.0 * delta**2 / (math.pi * n**2 * math.log(cut))
+    n = _check_positive_size("n", n)
+    T = 4.0 * delta * delta / (math.pi * _area(n) * math.log(cut))
+    if delta > 0 and T == 0:
+        name, what = ("delta", "small") if delta * delta == 0 else ("n", "large")
+        raise ValueError(
+            f"{name}: {locals()[name]:g} is too {what}: the temperature underflows to 0"
+        )
+    return _finite("delta", T, f"the temperature of a {delta:g}-pixel displacement")
+
+
+def _device_arg(device) -> torch.device | None:
+    """A ``device=`` argument: None, or a device this machine has (``'gpu'`` and ``'cuda'``
+    without CUDA refused naming ``device``); a CPU ``torch.device`` costs nothing, and the
+    meta device (shapes only, as for compiling kernels offline) is let through."""
+    if device is None or (isinstance(device, torch.device) and device.type == "cpu"):
+        return device
+    if torch.compiler.is_compiling() or device in ("meta", "cpu"):
+        return device
+    if isinstance(device, torch.device) and device.type == "meta":
+        return device
+    return check_device(device, "device")
 
 
 def mode_mask(cut: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean ``(cut, cut)``: mode ``(i, j)`` at ``[i - 1, j - 1]`` is kept iff
     ``sqrt(i^2 + j^2) < cut + 1/2``."""
-    check_cut(cut)
+    cut = check_cut(cut)
+    device = _device_arg(device)
+    check_memory("cut", 4 * 8 * cut * cut, device, what=f"a ({cut}, {cut}) table of modes")
     k = torch.arange(1, cut + 1, device=device, dtype=torch.float64)
     r2 = k[:, None] ** 2 + k[None, :] ** 2
     return r2 < (cut + 0.5) ** 2
@@ -631,19 +909,27 @@ def image_mode_masks(cuts: torch.Tensor, cut: int) -> torch.Tensor:
 
 def mode_variances(cut: int, device: torch.device | str | None = None) -> torch.Tensor:
     """``1 / (i^2 + j^2)`` on the disc, 0 outside: the coefficient variance per unit ``T``."""
-    k = torch.arange(1, cut + 1, device=device, dtype=torch.float64)
+    mask = mode_mask(cut, device)  # checks cut and device first
+    k = torch.arange(1, cut + 1, device=mask.device, dtype=torch.float64)
     r2 = k[:, None] ** 2 + k[None, :] ** 2
-    return torch.where(mode_mask(cut, device), 1.0 / r2, torch.zeros_like(r2))
+    return torch.where(mask, 1.0 / r2, torch.zeros_like(r2))
 
 
 def pixel_variance(T: float, cut: int, H: int, W: int) -> torch.Tensor:
     """Exact ``Var u(yh, xh)`` on the ``H x W`` pixel grid, float64 ``(H, W)``.
 
     ``sum over the disc of T sin^2(i pi xh) sin^2(j pi yh) / (i^2 + j^2)``; the variance of
-    the displacement ``dx`` is ``W^2`` times this, that of ``dy`` ``H^2`` times it.
+    the displacement ``dx`` is ``W^2`` times this, that of ``dy`` ``H^2`` times it. ``H`` and
+    ``W`` are at least 2 (``xh = x / (W - 1)``).
     """
     T = _check_scalar_T(T)
-    check_cut(cut)
+    cut = check_cut(cut)
+    H, W = check_int("H", H, 2), check_int("W", W, 2)
+    parts = {"H, W": 3 * 8 * H * W, "cut": 8 * (4 * cut * cut + 3 * (H + W) * cut)}
+    check_memory(
+        _largest(parts), sum(parts.values()), "cpu",
+        what=f"the variance on {H}x{W} pixels with cut = {cut}",
+    )  # fmt: skip
     k = torch.arange(1, cut + 1, dtype=torch.float64)
     xh = torch.arange(W, dtype=torch.float64) / (W - 1)
     yh = torch.arange(H, dtype=torch.float64) / (H - 1)
@@ -655,11 +941,18 @@ def pixel_variance(T: float, cut: int, H: int, W: int) -> torch.Tensor:
 def sine_table(
     n: int, cut: int, *, device=None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """``(n, cut)`` table ``sin(k pi t / (n - 1))`` for pixel ``t`` and mode ``k = 1..cut``.
+    """``(n, cut)`` table ``sin(k pi t / (n - 1))`` for pixel ``t`` and mode ``k = 1..cut``
+    (``n >= 2``).
 
     Shared by every image of a batch: the field is ``S_y C^T S_x^T`` (design.md section 2).
     Computed in float64 and rounded once, so every backend starts from the same table.
     """
+    n, cut = check_int("n", n, 2), check_cut(cut)
+    device = _device_arg(device)
+    check_memory(
+        "n" if n >= cut else "cut", 3 * 8 * n * cut, device,
+        what=f"a ({n}, {cut}) sine table",
+    )  # fmt: skip
     t = torch.arange(n, dtype=torch.float64, device=device) / (n - 1)
     k = torch.arange(1, cut + 1, dtype=torch.float64, device=device)
     return torch.sin(math.pi * t[:, None] * k[None, :]).to(dtype)

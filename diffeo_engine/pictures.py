@@ -18,13 +18,29 @@ import numpy as np
 import torch
 
 from diffeo_engine import ops
-from diffeo_engine.physics import FoldingWarning, check_images, max_cut, temperature_range
+from diffeo_engine.physics import (
+    FoldingWarning,
+    check_cut,
+    check_images,
+    check_int,
+    check_memory,
+    max_cut,
+    temperature_range,
+)
 from diffeo_engine.reference import displacement_field, sample_coefficients
 
-__all__ = ["load_image", "perturbation_figure", "save_perturbation_figure"]
+__all__ = ["figure_bytes", "load_image", "perturbation_figure", "save_perturbation_figure"]
 
 PHASE_CUTS = (2, 3, 4, 6, 8, 12, 16)
 PHASE_COLUMNS = 8
+
+
+def figure_bytes(C: int, H: int, W: int) -> int:
+    """About the bytes :func:`perturbation_figure` of one ``C x H x W`` image takes: the
+    perturbed copies (3, then 8 per row of the phase picture), the float64 fields and what
+    matplotlib keeps of every panel (float64 RGB)."""
+    panels = 3 * 3 + PHASE_COLUMNS * len(PHASE_CUTS)
+    return H * W * (panels * (2 * 4 * C + 3 * 8) + 3 * 2 * 8 * 3)
 
 
 def _matplotlib():
@@ -89,7 +105,7 @@ def _phase_panel(ax, image, low, high, *, seed: int, image_id: int, backend: str
     C, H, W = image.shape
     side = _side(H, W)
     cuts = [c for c in PHASE_CUTS if c <= max_cut(H, W)] or [2]
-    ranges = {c: temperature_range(side, c) for c in cuts}
+    ranges = {c: temperature_range(side, c, strict=False) for c in cuts}  # crossed: drawn
     lo = min(r[0] for r in ranges.values()) / 4
     hi = max(r[1] for r in ranges.values()) * 4
     temps = np.geomspace(lo, hi, PHASE_COLUMNS)
@@ -146,7 +162,9 @@ def perturbation_figure(
             f"image: expected one image (C, H, W), got {getattr(image, 'shape', image)}"
         )
     check_images(image.unsqueeze(0), "image")
+    cut = check_cut(cut, minimum=2)
     C, H, W = image.shape
+    check_memory("image", figure_bytes(C, H, W), image.device, what=f"drawing a {C}x{H}x{W} image")
     if image.dtype == torch.uint8:
         low, high = 0.0, 255.0
     else:
@@ -210,22 +228,26 @@ def load_image(spec: str, *, index: int = 0, resize=None) -> torch.Tensor:
     from diffeo_engine.data.sources import IMAGE_SUFFIXES, open_source, parse_resize
 
     path = os.fspath(spec)
+    index = check_int("index", index, 0)
+    size = parse_resize(resize)
+    if size is not None:  # up to 4 channels, float32, and the interpolation's temporaries
+        nbytes = 4 * 4 * 4 * size[0] * size[1]
+        check_memory("resize", nbytes, "cpu", what=f"an image resized to {size[0]}x{size[1]}")
     if os.path.isfile(path) and path.lower().endswith(IMAGE_SUFFIXES):
         try:
             from PIL import Image
         except ImportError as error:
             raise ImportError("reading an image file needs Pillow: pip install pillow") from error
         if index != 0:
-            raise ValueError(f"--index: a single image file has only index 0, got {index}")
+            raise ValueError(f"index: a single image file has only index 0, got {index}")
         try:
             with Image.open(path) as handle:
                 picture = handle.convert("L" if handle.mode in ("L", "I", "I;16", "1") else "RGB")
         except OSError as error:
-            raise ValueError(f"{path}: not a readable image ({error})") from None
+            raise ValueError(f"input: {path} is not a readable image ({error})") from None
         array = np.asarray(picture)
         image = torch.from_numpy(array.copy())
         image = image[None] if image.dim() == 2 else image.permute(2, 0, 1)
-        size = parse_resize(resize)
         if size is not None:
             scaled = torch.nn.functional.interpolate(
                 image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False
@@ -233,6 +255,6 @@ def load_image(spec: str, *, index: int = 0, resize=None) -> torch.Tensor:
             image = scaled[0].add(0.5).floor().clamp(0, 255).to(torch.uint8)
         return image.contiguous()
     source = open_source(spec, resize=resize)
-    if not 0 <= index < len(source):
-        raise ValueError(f"--index: expected an integer in [0, {len(source)}), got {index}")
+    if index >= len(source):
+        raise ValueError(f"index: expected an integer in [0, {len(source)}), got {index}")
     return source.batch(index, index + 1)[0]

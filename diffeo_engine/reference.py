@@ -14,20 +14,25 @@ import torch
 
 from diffeo_engine import rng
 from diffeo_engine.physics import (
+    _largest,
     check_cuts,
+    check_device,
     check_displacement,
     check_field,
     check_finite,
     check_ids,
     check_images,
-    check_in_dtype,
+    check_int,
     check_interp,
+    check_memory,
+    check_noise,
     check_out_dtype,
     check_overflow,
     check_seed,
     check_T,
     image_mode_masks,
     mode_variances,
+    perturbation_bytes,
     sine_table,
 )
 
@@ -41,6 +46,9 @@ __all__ = [
     "to_dtype",
     "warp",
 ]
+
+# bytes per coefficient drawn: the float32 result and the int64 Philox temporaries (measured)
+_COEFFICIENT_BYTES = 132
 
 
 def sample_coefficients(
@@ -59,13 +67,17 @@ def sample_coefficients(
     ``cut`` may give one value per image: the tensor is sized by the largest and each image
     keeps its own disc (a mode's draw does not depend on ``cut``).
     """
-    if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < 0:
-        raise ValueError(f"n_images: expected an integer >= 0, got {n_images!r}")
+    n_images = check_int("n_images", n_images, 0)
     seed = check_seed(seed)
     if device is None:
         device = ids.device if torch.is_tensor(ids) else (T.device if torch.is_tensor(T) else "cpu")
-    device = torch.device(device)
+    device = check_device(device)
     cut, cuts = check_cuts(cut, n_images, device, maximum=rng.MAX_CUT)
+    parts = {"n_images": n_images, "cut": 2 * cut * cut}
+    check_memory(
+        _largest(parts), n_images * 2 * cut * cut * _COEFFICIENT_BYTES, device,
+        what=f"drawing {n_images} image(s) of (2, {cut}, {cut}) coefficients",
+    )  # fmt: skip
     ids = check_ids(ids, n_images, device)
     T = check_T(T, n_images, device)
     std = _image_std(_std(cut, device), cuts)
@@ -82,10 +94,14 @@ def displacement_field(coeffs: torch.Tensor, H: int, W: int) -> torch.Tensor:
         raise TypeError("coeffs: expected a floating-point tensor of shape (B, 2, cut, cut)")
     if coeffs.dim() != 4 or coeffs.shape[1] != 2 or coeffs.shape[2] != coeffs.shape[3]:
         raise ValueError(f"coeffs: expected shape (B, 2, cut, cut), got {tuple(coeffs.shape)}")
-    for name, n in (("H", H), ("W", W)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise ValueError(f"{name}: expected an integer >= 2, got {n!r}")
-    cut = coeffs.shape[-1]
+    H, W = check_int("H", H, 2), check_int("W", W, 2)
+    B, cut = coeffs.shape[0], coeffs.shape[-1]
+    item = coeffs.element_size()
+    parts = {"H, W": 3 * B * 2 * H * W * item, "coeffs": 2 * B * 2 * cut * max(H, W) * item}
+    check_memory(
+        _largest(parts), sum(parts.values()), coeffs.device,
+        what=f"the {H}x{W} fields of {B} image(s) (cut = {cut})",
+    )  # fmt: skip
     sx = sine_table(W, cut, device=coeffs.device, dtype=coeffs.dtype)  # (W, cut): over i
     sy = sine_table(H, cut, device=coeffs.device, dtype=coeffs.dtype)  # (H, cut): over j
     return _field(coeffs, sx, sy)
@@ -155,12 +171,15 @@ def warp(
     *,
     interp: str = "bilinear",
     out_dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
 ) -> torch.Tensor:
     """``(tau x)[c, y, x] = x[c, y - dy, x - dx]``, the point clamped to the image (edge
-    replication), sampled bilinearly or at the nearest pixel (rounding half up)."""
+    replication), sampled bilinearly or at the nearest pixel (rounding half up).
+
+    As ``deform``: NaN or inf pixels, and finite images whose warp overflows ``out_dtype``
+    (float32 images beyond 65504 as float16), are refused unless ``allow_nonfinite``."""
     images = check_images(images)
     interp = check_interp(interp)
-    out_dtype = check_out_dtype(out_dtype, images)
     if not torch.is_tensor(displacement) or not displacement.is_floating_point():
         raise TypeError("displacement: expected a floating-point tensor of shape (B, 2, H, W)")
     B, _, H, W = images.shape
@@ -174,22 +193,19 @@ def warp(
             f"displacement: expected a tensor on {images.device} (the images' device), "
             f"got {displacement.device}"
         )
+    nbytes = perturbation_bytes(images.shape, torch.float64, outputs=1, path="torch")
+    check_memory(  # before any pass over the images
+        "images", nbytes, images.device,
+        what=f"warping {B} image(s) of {'x'.join(map(str, images.shape[1:]))}",
+    )  # fmt: skip
+    check_finite(images, allow_nonfinite=allow_nonfinite)
+    out_dtype = check_out_dtype(out_dtype, images)
     check_displacement(displacement)
     values = _warp_values(images, displacement, interp)
-    return to_dtype(values, out_dtype).contiguous(memory_format=memory_format_of(images))
-
-
-def check_noise(noise) -> float | None:
-    """``"matched"`` (returns None) or a fixed ``sigma >= 0`` (returns it)."""
-    if isinstance(noise, str):
-        if noise != "matched":
-            raise ValueError(f"noise: expected 'matched' or a sigma >= 0, got {noise!r}")
-        return None
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)):
-        raise TypeError(f"noise: expected 'matched' or a float sigma >= 0, got {noise!r}")
-    if not float(noise) >= 0 or noise == float("inf"):
-        raise ValueError(f"noise: expected a finite sigma >= 0, got {noise}")
-    return check_in_dtype("noise", float(noise), torch.float32, what="noise is drawn in float32")
+    out = to_dtype(values, out_dtype).contiguous(memory_format=memory_format_of(images))
+    if not allow_nonfinite:
+        check_overflow(images, out)
+    return out
 
 
 def _cached(make):

@@ -23,7 +23,7 @@ from diffeo_engine.benchmark.providers import (
     SMOKE_SHAPES,
 )
 from diffeo_engine.benchmark.report import format_table, result_filename, write_plot
-from diffeo_engine.benchmark.run import merge_results, run_benchmarks
+from diffeo_engine.benchmark.run import SCHEMA, merge_results, run_benchmarks
 
 __all__ = ["add_command"]
 
@@ -43,6 +43,72 @@ def _split(values: Sequence[str] | None) -> list[str] | None:
     if values is None:
         return None
     return [v for value in values for v in value.split(",") if v]
+
+
+# what every record of a result document must hold for a merge (and its table)
+_RECORD_KEYS = ("provider", "kind", "shape", "batch", "dtype", "cut", "pairs_per_s")
+
+
+def _read_result(path: str) -> dict:
+    """One result document of ``bench --out``, refused in one line naming ``--merge`` and
+    the file when it is not one (a FIFO, not JSON, another schema, a damaged record)."""
+    from diffeo_engine.data.sources.safe import read_regular
+
+    raw = read_regular(path, "--merge", follow=True)
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"--merge: {path} is not JSON ({error})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(
+            f"--merge: {path} is not a bench result (expected schema {SCHEMA!r}, got "
+            f"{found!r}; --static reports are not merged)"
+        )
+    bandwidth = doc.get("copy_bandwidth_GBps")
+    if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)):
+        raise ValueError(f"--merge: {path} has no copy_bandwidth_GBps number")
+    if not isinstance(doc.get("device"), dict) or not isinstance(doc.get("results"), list):
+        raise ValueError(f"--merge: {path} lacks a device object or a results list")
+    for i, record in enumerate(doc["results"]):
+        missing = [k for k in _RECORD_KEYS if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise ValueError(f"--merge: {path}: result {i} lacks {', '.join(missing)}")
+        rate = record["pairs_per_s"]
+        if (
+            not isinstance(record["shape"], list)
+            or isinstance(rate, bool)
+            or not (isinstance(rate, (int, float)))
+        ):
+            raise ValueError(f"--merge: {path}: result {i} has a malformed shape or pairs_per_s")
+    return doc
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """The flags a run would otherwise find out about case by case: one line each."""
+    from diffeo_engine.physics import check_cut, check_memory, check_seed
+
+    check_seed(args.seed)
+    for cut in args.cut or []:
+        check_cut(cut)
+    for flag, given, known in (
+        ("--providers", _split(args.providers), PROVIDERS),
+        ("--dtypes", _split(args.dtypes), DTYPES),
+    ):
+        unknown = [name for name in given or [] if name not in known]
+        if unknown:
+            raise ValueError(f"{flag}: unknown {unknown}, expected some of {list(known)}")
+    if args.static:
+        from diffeo_engine.benchmark.static import TARGETS
+
+        bad = [t for t in args.targets if t not in TARGETS]
+        if bad:
+            raise ValueError(f"--targets: expected some of {sorted(TARGETS)}, got {bad}")
+        return
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for B, C, H, W in args.shapes or ():
+        # the input buffers (a few per case) and both outputs, float32
+        check_memory("--shapes", 4 * 4 * B * C * H * W, device, what=f"a {B}x{C}x{H}x{W} case")
 
 
 def _run_static(args: argparse.Namespace) -> int:
@@ -70,10 +136,11 @@ def _run_static(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    _check_flags(args)
     if args.static:
         return _run_static(args)
     if args.merge:
-        doc = merge_results([json.loads(Path(p).read_text()) for p in args.merge])
+        doc = merge_results([_read_result(path) for path in args.merge])
     else:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cuda = device.type == "cuda"
@@ -98,12 +165,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         )
         doc["command"] = [Path(sys.argv[0]).name, *sys.argv[1:]]
     print(format_table(doc))
-    if args.out:
+    if args.out is not None:  # the CLI checked it first: a folder (created) or a file
         out = Path(args.out)
         if out.is_dir() or args.out.endswith(("/", os.sep)):
             out.mkdir(parents=True, exist_ok=True)
             out = out / result_filename(doc)
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=2) + "\n")
         out.with_suffix(".md").write_text(format_table(doc, markdown=True) + "\n")
         print(f"wrote {out} and {out.with_suffix('.md')}")

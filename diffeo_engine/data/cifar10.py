@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffeo_engine.physics import _is_integer
+
 __all__ = ["CIFAR10_CLASSES", "RECORD_BYTES", "load_cifar10"]
 
 RECORD_BYTES = 1 + 3 * 32 * 32
@@ -57,7 +59,7 @@ def load_cifar10(
     """
     if split not in _FILES:
         raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (not _is_integer(limit) or limit < 1):
         raise ValueError(f"limit: expected an integer >= 1 or None, got {limit!r}")
     directory = Path(directory)
     if not directory.is_dir():

@@ -58,12 +58,18 @@ def _import_factory(spec: str):
     if not target or not attr:
         raise ValueError(f"--model: expected NAME or module.path:factory, got {spec!r}")
     if target.endswith(".py"):
+        from diffeo_engine.data.sources.safe import check_regular
+
         path = Path(target).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"--model: no such file: {path}")
+        check_regular(path, "--model", follow=True)
         module_spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as error:  # the user's file: one line naming it
+            raise ValueError(
+                f"--model: {path} fails to import: {type(error).__name__}: {error}"
+            ) from error
     else:
         try:
             module = importlib.import_module(target)
@@ -107,17 +113,27 @@ def build_model(spec: str, kwargs: dict | None = None, seed: int | None = None) 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a state dict: ``.safetensors`` through safetensors, anything else through
     ``torch.load(weights_only=True)`` (a ``{"state_dict": ...}`` wrapper is unwrapped)."""
+    from diffeo_engine.data.sources.safe import check_regular
+
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"--weights: no such file: {path}")
+    if str(path) in ("", "."):
+        raise ValueError(f"--weights: expected a file, got {str(path)!r}")
+    check_regular(path, "--weights", follow=True)  # a FIFO or folder is refused unread
     if path.suffix == ".safetensors":
         try:
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
         except ImportError as error:
             raise ValueError(
                 "--weights: reading .safetensors needs the safetensors package"
             ) from error
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(
+                f"--weights: {path} is not a readable .safetensors file: {first[:200]}"
+            ) from None
     else:
         state = _torch_load(path)
     for key in ("state_dict", "model_state_dict", "model"):
@@ -319,20 +335,108 @@ def _settings(args, shape: tuple[int, ...]) -> list[tuple[float, int]]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the ``sensitivity`` subcommand (under torchrun: this rank's share); exit status."""
-    from diffeo_engine.distributed import DistributedError, distributed_session
-    from diffeo_engine.physics import check_float, check_int
+def _scale_arg(text: str) -> float | None:
+    """``--scale``: 'auto' (None) or a finite number > 0."""
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"--scale: expected 'auto' or a finite number > 0, got {text!r}")
+    return value
+
+
+def _unique(flag: str, values: list) -> None:
+    seen = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{flag}: {value:g} given twice")
+        seen.add(value)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every flag that can be judged without the data or the model, before any work: one
+    line naming the flag as typed (``--T``, ``--scale``, ...)."""
+    from diffeo_engine.data.sources import parse_resize
+    from diffeo_engine.physics import (
+        check_cut,
+        check_float,
+        check_int,
+        check_noise,
+        check_seed,
+        check_T,
+    )
 
     check_int("--batch-size", args.batch_size, 1)
     check_int("--error-groups", args.error_groups, 1)
     check_int("--per-image", args.per_image, 1)
     if args.limit is not None:
         check_int("--limit", args.limit, 2)
-    _noise_arg(args.noise)
+    check_seed(args.seed)
+    check_noise(_noise_arg(args.noise))
+    for T in args.T or []:
+        check_T(T, 1, torch.device("cpu"))
+    _unique("--T", args.T or [])
+    for cut in args.cut:
+        check_cut(cut, minimum=1 if args.T is not None else 2)
+    _unique("--cut", args.cut)
+    _scale_arg(args.scale)
+    for value in args.mean or []:
+        if not math.isfinite(value):
+            raise ValueError(f"--mean: expected finite numbers, got {value}")
+    for value in args.std or []:
+        check_float("--std", value, 0.0, strict=True)
+    parse_resize(args.resize)
     timeout = getattr(args, "dist_timeout", None)
     check_float("--dist-timeout", timeout, 0.0, strict=True, allow_none=True)
+
+
+def _check_data_flags(
+    args: argparse.Namespace, shape: tuple[int, ...], n: int, itemsize: int
+) -> None:
+    """The flags judged against the data: its size, its channels, the settings' fields, the
+    memory one batch takes (before the model is built: it may size itself by the data)."""
+    import warnings
+
+    from diffeo_engine.physics import check_field, check_memory
+    from diffeo_engine.sensitivity.meter import update_bytes
+
+    if n < 2:
+        raise ValueError(f"--data: expected at least two images, got {n}")
+    C = shape[0]
+    for flag, values in (("--mean", args.mean), ("--std", args.std)):
+        if values is not None and len(values) not in (1, C):
+            raise ValueError(
+                f"{flag}: expected one value or one per channel ({C} for the data's shape "
+                f"{tuple(shape)}), got {len(values)}"
+            )
+    settings = _settings(args, shape)
+    if len(shape) == 3:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the measurement itself warns of folds
+            for T, cut in settings:
+                check_field(T, cut, shape[1], shape[2])
+    batch = (min(args.batch_size, n), *shape)
+    model_itemsize = (_dtype(args.dtype) or torch.float32).itemsize
+    copies = 1 + 2 * len(settings) * args.per_image
+    pixels = shape[1] * shape[2] if len(shape) == 3 else 0
+    check_memory(
+        "--resize" if args.resize is not None and pixels > batch[0] else "--batch-size",
+        update_bytes(batch, copies, itemsize, model_itemsize), args.device,
+        what=f"one batch of {batch[0]} image(s) of {'x'.join(map(str, shape))} in "
+        f"{copies} copies",
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the ``sensitivity`` subcommand (under torchrun: this rank's share); exit status."""
+    from diffeo_engine.distributed import DistributedError, distributed_session
+
+    check_flags(args)
     _check_out_folder(Path(args.out))
+    timeout = getattr(args, "dist_timeout", None)
     try:
         with distributed_session(args.device, timeout_s=timeout) as ctx:
             return _run(args, ctx)
@@ -355,6 +459,42 @@ def _say(ctx, text: str) -> None:
         print(f"sensitivity: {text}", file=sys.stderr)
 
 
+def _model(args: argparse.Namespace, model_args: dict, inferred: dict, shape) -> nn.Module:
+    """The model with its weights; its errors name the flag they come from (a keyword the
+    factory refuses: ``--model-arg``, or ``--data`` where it was taken from the data)."""
+    try:
+        model = build_model(args.model, model_args, seed=args.seed)
+    except (TypeError, ValueError) as error:
+        head = str(error).partition(": ")[0]
+        if head in inferred and head not in _parse_kwargs(args.model_arg):
+            raise type(error)(f"--data: {error} ({head} from the data's shape {shape})") from None
+        if head in model_args:
+            raise type(error)(f"--model-arg: {error}") from None
+        raise
+    if args.weights is not None:
+        load_weights(model, args.weights)
+    return model
+
+
+def _notes(args: argparse.Namespace, ctx, n: int, inferred: dict, shape) -> None:
+    """What the user should know, said once every flag has been checked."""
+    if n < args.error_groups:
+        _say(
+            ctx,
+            f"warning: {n} images for {args.error_groups} jackknife groups: the error bars "
+            f"need at least {args.error_groups} images (use more images or --error-groups)",
+        )
+    if inferred:
+        shown = ", ".join(f"{k}={v}" for k, v in inferred.items())
+        _say(ctx, f"{args.model}: {shown} (from the data's shape {shape})")
+    if args.weights is None:
+        _say(
+            ctx,
+            f"no --weights: measuring an untrained {args.model} (its initial weights, "
+            f"seed {args.seed})",
+        )
+
+
 def _run(args: argparse.Namespace, ctx) -> int:
     from diffeo_engine.sensitivity.meter import SensitivityMeter
 
@@ -363,37 +503,19 @@ def _run(args: argparse.Namespace, ctx) -> int:
     if ctx.active and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)  # one GPU per rank
     source = _open_data(args.data, getattr(args, "resize", None))
+    shape = tuple(source.shape)
     n = len(source) if args.limit is None else min(args.limit, len(source))
-    if n < 2:
-        raise ValueError(f"--data: expected at least two images, got {n}")
-    if n < args.error_groups:
-        _say(
-            ctx,
-            f"warning: {n} images for {args.error_groups} jackknife groups: the error bars "
-            f"need at least {args.error_groups} images (use more images or --error-groups)",
-        )
+    _check_data_flags(args, shape, n, source.dtype.itemsize)
     model_args = _parse_kwargs(args.model_arg)
-    inferred = infer_model_args(args.model, model_args, tuple(source.shape))
+    inferred = infer_model_args(args.model, model_args, shape)
     model_args = {**inferred, **model_args}
-    model = build_model(args.model, model_args, seed=args.seed)
-    if args.weights:
-        load_weights(model, args.weights)
-    if inferred:
-        shown = ", ".join(f"{k}={v}" for k, v in inferred.items())
-        _say(ctx, f"{args.model}: {shown} (from the data's shape {tuple(source.shape)})")
-    if not args.weights:
-        _say(
-            ctx,
-            f"no --weights: measuring an untrained {args.model} (its initial weights, "
-            f"seed {args.seed})",
-        )
+    model = _model(args, model_args, inferred, shape)
     model = model.to(device=device, dtype=_dtype(args.dtype))
     model.train(args.train_mode)
     first = source.batch(0, 1)
-    if args.scale == "auto":
+    scale = _scale_arg(args.scale)
+    if scale is None:
         scale = 1.0 / 255.0 if first.dtype == torch.uint8 else 1.0
-    else:
-        scale = float(args.scale)
     preprocess = None
     if scale != 1.0 or args.mean is not None or args.std is not None:
         preprocess = Normalize(scale, args.mean, args.std)
@@ -420,7 +542,8 @@ def _run(args: argparse.Namespace, ctx) -> int:
         error_groups=args.error_groups,
         preprocess=preprocess,
     )
-    with meter:
+    with meter:  # the hooks come off whatever happens
+        _notes(args, ctx, n, inferred, shape)  # every flag is checked: now the notes
         for index in batches:
             start = index * args.batch_size
             stop = min(start + args.batch_size, n)

@@ -20,13 +20,21 @@ the whole data set, equal to a single process's to rounding (design.md section 3
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from diffeo_engine.distributed import DistributedContext
-from diffeo_engine.physics import check_choice, check_ids, check_seed
+from diffeo_engine.physics import (
+    _is_integer,
+    check_choice,
+    check_ids,
+    check_int,
+    check_memory,
+    check_seed,
+)
 from diffeo_engine.progress import Progress
 from diffeo_engine.sensitivity.features import (
     METRICS,
@@ -57,6 +65,7 @@ __all__ = [
     "NonFiniteActivationError",
     "SensitivityMeter",
     "reduce_features",
+    "update_bytes",
 ]
 
 ESTIMATORS = ("mean", "median")
@@ -68,6 +77,16 @@ class NonFiniteActivationError(ValueError):
 
 class _HookFailure(Exception):
     """Carries an error raised by the meter's own hook through the model's forward."""
+
+
+def update_bytes(shape: tuple[int, ...], copies: int, itemsize: int, model_itemsize: int) -> int:
+    """About the bytes one :meth:`SensitivityMeter.update` of a batch of ``shape`` (images
+    of ``itemsize`` bytes) allocates before the model runs: the batch repeated once per
+    perturbed pair, the ``copies`` (clean and perturbed) in float32 and the concatenated
+    model input (of ``model_itemsize`` bytes); the model's activations come on top."""
+    elements = math.prod(shape)
+    repeated = (copies - 1) // 2 * elements * itemsize
+    return copies * elements * (4 + 2 * model_itemsize) + repeated
 
 
 class SensitivityMeter:
@@ -100,7 +119,8 @@ class SensitivityMeter:
         error_groups: ``G``, the number of interleaved groups of images of the
             delete-one-group jackknife that gives every ``*_err`` (the image at position
             ``n`` of the stream goes to group ``n mod G``). Memory is ``G`` times each
-            layer's size.
+            layer's size. With fewer than two groups holding images (``G = 1`` saves
+            memory) the errors are not defined: every ``*_err`` is NaN.
         autocast_dtype: run the forward pass under ``torch.autocast`` with this dtype.
         channels_last: convert the model (in place) and the 4D batches to channels_last.
         input_dtype: the dtype fed to the model; default that of its first floating
@@ -148,11 +168,8 @@ class SensitivityMeter:
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if reduce not in REDUCTIONS:
             raise ValueError(f"reduce: expected one of {REDUCTIONS}, got {reduce!r}")
-        K = perturbations_per_image
-        if isinstance(K, bool) or not isinstance(K, int) or K < 1:
-            raise ValueError(f"perturbations_per_image: expected an integer >= 1, got {K!r}")
-        if isinstance(error_groups, bool) or not isinstance(error_groups, int) or error_groups < 1:
-            raise ValueError(f"error_groups: expected an integer >= 1, got {error_groups!r}")
+        K = check_int("perturbations_per_image", perturbations_per_image, 1)
+        error_groups = check_int("error_groups", error_groups, 1)
         if autocast_dtype is not None and not isinstance(autocast_dtype, torch.dtype):
             raise TypeError(f"autocast_dtype: expected a torch.dtype, got {autocast_dtype!r}")
         if input_dtype is not None and not (
@@ -193,7 +210,7 @@ class SensitivityMeter:
         self._position = 0  # the stream position of the next image (see update's start)
         self._mode: str | None = None
         self._image_info: dict = {}
-        total = progress if isinstance(progress, int) and not isinstance(progress, bool) else None
+        total = int(progress) if _is_integer(progress) else None
         self._progress = Progress(total, desc="sensitivity", unit="images") if progress else None
 
     # ----------------------------------------------------------------------- settings
@@ -235,6 +252,17 @@ class SensitivityMeter:
                 f"got {images.device}; move the model or the images"
             )
 
+    def _check_size(self, images: torch.Tensor) -> None:
+        """Refuse, naming ``images``, a batch whose :func:`update_bytes` the device cannot
+        hold (before anything is allocated)."""
+        dtype = self.input_dtype or model_float_dtype(self.model) or torch.float32
+        copies = 1 + 2 * len(self._settings) * self.K
+        check_memory(
+            "images", update_bytes(images.shape, copies, images.element_size(), dtype.itemsize),
+            images.device, what=f"measuring {images.shape[0]} image(s) of "
+            f"{'x'.join(map(str, images.shape[1:]))} in {copies} copies",
+        )  # fmt: skip
+
     def update(self, images: torch.Tensor, ids=None, *, start: int | None = None) -> None:
         """Fold one batch ``(B, C, H, W)`` (or ``(B, C, L)`` with a ``perturbation``) in.
 
@@ -255,10 +283,9 @@ class SensitivityMeter:
         if B == 0:
             return
         self._check_device(images)
+        self._check_size(images)
         if start is not None:
-            if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-                raise ValueError(f"start: expected an integer >= 0, got {start!r}")
-            self._position = start
+            self._position = check_int("start", start, 0)
         positions = torch.arange(self._position, self._position + B, device=images.device)
         if ids is None:
             ids = positions

@@ -8,13 +8,14 @@ perturbation ids ``i * K + k`` (design.md section 2).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import numbers
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
 from diffeo_engine import ops
-from diffeo_engine.physics import check_cut, check_images, check_T
+from diffeo_engine.physics import _is_integer, check_cut, check_images, check_T
 
 __all__ = ["Setting", "make_settings", "perturb_batch"]
 
@@ -47,8 +48,9 @@ def make_settings(
                     f"got {type(p).__name__}"
                 )
             pT, pcut = getattr(p, "T", T), getattr(p, "cut", cut)
-            pT = float(pT) if isinstance(pT, (int, float)) else None
-            pcut = int(pcut) if isinstance(pcut, int) else None
+            real = isinstance(pT, numbers.Real) and not isinstance(pT, bool)
+            pT = float(pT) if real else None
+            pcut = int(pcut) if _is_integer(pcut) else None
             label = type(p).__name__ if pT is None else f"T={pT:.4g}, cut={pcut}"
             out.append(Setting(label, pT, pcut, p))
         labels = [s.label for s in out]
@@ -66,6 +68,14 @@ def make_settings(
         settings = [(T, cut)]
     elif T is not None or cut is not None:
         raise ValueError("settings: give either T and cut, or settings=[(T, cut), ...]")
+    elif isinstance(settings, (str, bytes)) or not isinstance(settings, Iterable):
+        raise TypeError(f"settings: expected a list of (T, cut) pairs, got {settings!r}")
+    settings = list(settings)
+    if not settings:
+        raise ValueError(
+            "settings: expected at least one (T, cut) pair, got none (an empty sweep would "
+            "measure nothing)"
+        )
     out, seen = [], set()
     for item in settings:
         if not (isinstance(item, (tuple, list)) and len(item) == 2):

@@ -85,6 +85,7 @@ class _ZipStreamSource(ImageSource):
                 f"input: {spec} is a compressed Fortran-ordered array; save it C-ordered "
                 "(np.ascontiguousarray) or as .npy"
             )
+        _holds_images(shape, spec)
         self._n = shape[0] if shape else 0
         self._raw_shape = shape
         self._np_dtype = dtype
@@ -152,12 +153,23 @@ def _read_npy_header(handle, where: str) -> tuple[tuple[int, ...], bool, np.dtyp
     return tuple(shape), bool(fortran), dtype
 
 
+def _holds_images(shape: tuple[int, ...], where) -> None:
+    """An array source must hold at least one image (an empty one would measure or write
+    nothing, silently); other shapes are judged by the layout rule."""
+    if shape and shape[0] == 0:
+        raise ValueError(f"input: {where} holds no images (array of shape {tuple(shape)})")
+
+
 def open_npy(path: Path, spec: str, resize) -> ImageSource:
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"input: {path} is not a readable .npy array: the file is empty")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as error:
+    except (ValueError, EOFError, OSError) as error:
         raise ValueError(f"input: {path} is not a readable .npy array: {error}") from error
-    return ArraySource(array, spec, "npy", resize, {"file_size": path.stat().st_size})
+    _holds_images(array.shape, path)
+    return ArraySource(array, spec, "npy", resize, {"file_size": size})
 
 
 def open_npz(path: Path, key: str | None, spec: str, resize) -> ImageSource:
@@ -187,6 +199,7 @@ def open_npz(path: Path, key: str | None, spec: str, resize) -> ImageSource:
             handle.seek(member_start)
             shape, fortran, dtype = _read_npy_header(handle, spec)
             data_offset = handle.tell()
+    _holds_images(shape, spec)
     count = int(np.prod(shape)) if shape else 1
     if data_offset + count * dtype.itemsize > path.stat().st_size:
         raise ValueError(f"input: {spec} is truncated")

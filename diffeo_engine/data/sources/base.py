@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from diffeo_engine.data.sources.labels import LabelSet, read_labels
+from diffeo_engine.physics import _is_integer
 from diffeo_engine.reference import to_dtype
 
 __all__ = ["HASH_CHUNK_BYTES", "ImageSource"]
@@ -165,7 +166,7 @@ class ImageSource(ABC):
     def batch(self, start: int, stop: int) -> torch.Tensor:
         """Images ``start .. stop - 1`` as a contiguous ``(B, C, H, W)`` CPU tensor."""
         n = len(self)
-        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n):
+        if not (_is_integer(start) and _is_integer(stop) and 0 <= start <= stop <= n):
             raise IndexError(f"batch: expected 0 <= start <= stop <= {n}, got ({start}, {stop})")
         images = torch.from_numpy(self._read(start, stop))
         if self.resize is not None:

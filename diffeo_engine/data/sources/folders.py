@@ -12,6 +12,7 @@ import torch
 
 from diffeo_engine.data.sources.base import HASH_CHUNK_BYTES, ImageSource, _resize_batch
 from diffeo_engine.data.sources.labels import LabelSet
+from diffeo_engine.physics import _is_integer
 
 __all__ = ["IMAGE_SUFFIXES", "FolderSource"]
 
@@ -150,7 +151,7 @@ class FolderSource(ImageSource):
         if self.resize is None:
             return super().batch(start, stop)
         n = len(self)
-        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n):
+        if not (_is_integer(start) and _is_integer(stop) and 0 <= start <= stop <= n):
             raise IndexError(f"batch: expected 0 <= start <= stop <= {n}, got ({start}, {stop})")
         C = self._shape[0]
         out = torch.empty((stop - start, C, *self.resize), dtype=torch.uint8)

@@ -15,6 +15,7 @@ from diffeo_engine.data.sources.folders import FolderSource
 from diffeo_engine.data.sources.idx import is_idx, open_idx
 from diffeo_engine.data.sources.safe import check_input_path
 from diffeo_engine.data.sources.torchvision_source import TorchvisionSource
+from diffeo_engine.physics import _is_integer
 
 __all__ = ["open_source", "parse_resize"]
 
@@ -32,7 +33,7 @@ def parse_resize(resize) -> tuple[int, int] | None:
     if (
         not isinstance(resize, Sequence)
         or len(resize) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in resize)
+        or not all(_is_integer(v) for v in resize)
     ):
         raise ValueError(f"resize: expected (H, W), two integers >= 2, got {resize!r}")
     if min(resize) < 2:

@@ -14,6 +14,7 @@ from diffeo_engine.data.sources.base import (
     _torch_dtype,
 )
 from diffeo_engine.data.sources.folders import _pil_to_chw
+from diffeo_engine.physics import _is_integer
 
 __all__ = ["TorchvisionSource"]
 
@@ -108,7 +109,7 @@ class TorchvisionSource(ImageSource):
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
         n = len(self)
-        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= n):
+        if not (_is_integer(start) and _is_integer(stop) and 0 <= start <= stop <= n):
             raise IndexError(f"batch: expected 0 <= start <= stop <= {n}, got ({start}, {stop})")
         if start == stop:
             return torch.empty((0, *self.shape), dtype=self.dtype)
