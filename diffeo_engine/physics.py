@@ -173,6 +173,15 @@ def check_cut(cut, *, minimum: int = 1, maximum: int | None = None) -> int:
     return int(cut)
 
 
+def _one_per_image(name: str, values: torch.Tensor, n_images: int, what: str) -> torch.Tensor:
+    """A 0-d tensor broadcast to ``(n_images,)``, or one of that shape."""
+    if values.dim() == 0:
+        return values.reshape(1).expand(n_images)
+    if values.shape != (n_images,):
+        raise ValueError(f"{name}: expected {what}, shape ({n_images},), got {tuple(values.shape)}")
+    return values
+
+
 def check_cuts(
     cut, n_images: int, device: torch.device | str | None, *, maximum: int | None = None
 ) -> tuple[int, torch.Tensor | None]:
@@ -190,13 +199,7 @@ def check_cuts(
         cut = torch.tensor(values, dtype=torch.int64)
     elif cut.dtype.is_floating_point or cut.dtype.is_complex or cut.dtype == torch.bool:
         raise TypeError(f"cut: expected an integer or an integer tensor, got dtype {cut.dtype}")
-    if cut.dim() == 0:
-        cut = cut.reshape(1).expand(n_images)
-    if cut.shape != (n_images,):
-        raise ValueError(
-            f"cut: expected an integer or one per image, shape ({n_images},), "
-            f"got {tuple(cut.shape)}"
-        )
+    cut = _one_per_image("cut", cut, n_images, "an integer or one per image")
     if n_images == 0:
         return 1, cut.to(device=device, dtype=torch.int64)
     low, high = (int(v) for v in torch.aminmax(cut))
@@ -274,13 +277,7 @@ def check_T(T, n_images: int, device: torch.device, *, check_values: bool = True
         raise TypeError(f"T: expected a floating-point tensor, got dtype {T.dtype}")
     if T.device != torch.device(device):
         raise ValueError(f"T: expected a tensor on {device} (the images' device), got {T.device}")
-    if T.dim() == 0:
-        T = T.reshape(1).expand(n_images)
-    elif T.shape != (n_images,):
-        raise ValueError(
-            f"T: expected a scalar or one temperature per image, shape ({n_images},), "
-            f"got {tuple(T.shape)}"
-        )
+    T = _one_per_image("T", T, n_images, "a scalar or one temperature per image")
     if check_values and T.numel() > 0:
         if not bool(torch.isfinite(T).all()):
             raise ValueError("T: expected finite temperatures, got NaN or inf")

@@ -12,12 +12,12 @@ import json
 import os
 import re
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hangs import within
 
 from diffeo_engine import generate as gen
 from diffeo_engine import ops
@@ -61,26 +61,6 @@ def _copy(reference: Path, tmp_path: Path, name: str = "run") -> Path:
 
 def _snapshot(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-
-
-def _within(seconds: float, call):
-    """``call()``'s result or exception, failing the test if it has not returned in time
-    (a FIFO read would block forever)."""
-    result: dict = {}
-
-    def run():
-        try:
-            result["value"] = call()
-        except BaseException as error:  # handed to the test
-            result["error"] = error
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), "the call hung (it read a FIFO or a device?)"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 # ------------------------------------------------- item 1: links and special files
@@ -136,28 +116,28 @@ def test_only_regular_files_in_the_folder_are_read(source, reference, tmp_path, 
     }
     for reader, call in readers.items():
         with pytest.raises(ValueError, match=words) as info:
-            _within(30, call)
+            within(30, call)
         assert "\n" not in str(info.value), reader
     assert not (tmp_path / "exported").exists()
     for full in (False, True):
         if name == MANIFEST:
             with pytest.raises(ValueError, match=words):
-                _within(30, lambda f=full: verify(out, full=f))
+                within(30, lambda f=full: verify(out, full=f))
         else:
-            report = _within(30, lambda f=full: verify(out, full=f))
+            report = within(30, lambda f=full: verify(out, full=f))
             assert report.bad_shards == [1]
             assert any(p.startswith(f"{name}: {WHAT[kind]}") for p in report.problems), (
                 report.problems
             )
     if name == MANIFEST:
         with pytest.raises(ValueError, match=words):
-            _within(30, lambda: gen.repair(out))
+            within(30, lambda: gen.repair(out))
         return
     if kind == "folder":  # repair removes files only
         with pytest.raises(ValueError, match=f"{name} is a folder where a shard file belongs"):
-            _within(30, lambda: gen.repair(out))
+            within(30, lambda: gen.repair(out))
         return
-    found = _within(60, lambda: gen.repair(out))
+    found = within(60, lambda: gen.repair(out))
     assert any(name in p for p in found)
     assert _snapshot(out) == _snapshot(reference)  # the link or FIFO replaced by the file
     if kind == "link-to-identical-copy":
@@ -181,7 +161,7 @@ def test_inputs_that_are_special_files_are_refused_unread(source, tmp_path, caps
     ]
     for flags, flag, words in cases:
         out = tmp_path / "run"
-        code = _within(30, lambda f=flags, o=out: main(["generate", *f, "--out", str(o), *base]))
+        code = within(30, lambda f=flags, o=out: main(["generate", *f, "--out", str(o), *base]))
         err = capsys.readouterr().err
         assert code == 2 and f"{flag}: " in err and words in err and err.count("\n") == 1, err
         assert not out.exists()
@@ -542,7 +522,7 @@ def test_every_path_flag_is_checked_first(source, reference, tmp_path, capsys, m
     before = sorted(p.name for p in tmp_path.iterdir())
     ref_before = _snapshot(reference)
     for argv, flag, words in cases:
-        code = _within(30, lambda a=argv: main(a))
+        code = within(30, lambda a=argv: main(a))
         err = capsys.readouterr().err
         assert code == 2, (argv, err)
         assert f"error: {flag}: " in err and words in err and err.count("\n") == 1, (argv, err)

@@ -11,35 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 
 import numpy as np
 import pytest
 import torch
+from hangs import within
 
 from diffeo_engine import cli
 
 NO_CUDA = not torch.cuda.is_available()
-
-
-def _within(seconds: float, call):
-    """``call()``'s result, failing the test if it has not returned in time (a FIFO read
-    would block forever)."""
-    result: dict = {}
-
-    def run():
-        try:
-            result["value"] = call()
-        except BaseException as error:  # handed to the test
-            result["error"] = error
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), "the call hung (it read a FIFO?)"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +65,7 @@ def _refused(argv, flag: str, words: str, capsys, tmp_path) -> str:
     """Run ``argv``; assert exit 2, one stderr line naming ``flag`` (and ``words``), no
     stdout, nothing new in ``tmp_path``."""
     before = sorted(p.name for p in tmp_path.iterdir())
-    code = _within(60, lambda: cli.main([str(a) for a in argv]))
+    code = within(60, lambda: cli.main([str(a) for a in argv]))
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert code == 2, (" ".join(map(str, argv)), captured.err)
