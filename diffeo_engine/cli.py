@@ -16,6 +16,8 @@ import os
 import sys
 import tempfile
 
+from diffeo_engine import flags
+
 __all__ = ["build_parser", "main"]
 
 # command -> (module, registering function, one-line help for the command list)
@@ -63,19 +65,8 @@ PATH_FLAGS: dict[str, tuple[tuple[str, str, str], ...]] = {
     ),
     "bench": (("merge", "--merge", "files"), ("out", "--out", "any")),
 }  # fmt: skip
-# The CLI spelling of the API's argument names: an error of a command in SPELLED that
-# begins "cut: ..." (the name of a Python argument) is shown as "--cut: ...". One table for
-# every command, and the names a command spells otherwise (show's source is IMAGE).
-FLAGS = {
-    "T": "--T", "cut": "--cut", "seed": "--seed", "batch_size": "--batch-size",
-    "device": "--device", "out": "--out", "backend": "--backend", "interp": "--interp",
-    "noise": "--noise", "resize": "--resize", "size": "--size", "index": "--index",
-    "per_image": "--per-image", "perturbations_per_image": "--per-image",
-    "error_groups": "--error-groups", "reduce": "--reduce", "metric": "--metric",
-    "estimator": "--estimator", "layers": "--layers", "limit": "--limit",
-    "timeout_s": "--dist-timeout", "dtypes": "--dtypes", "providers": "--providers",
-    "shapes": "--shapes", "docs": "--merge", "targets": "--targets",
-}  # fmt: skip
+# Flags a command spells its own way (flags.FLAGS holds the common spelling); commands in
+# SPELLED show errors that begin with an argument name as the flag the user typed.
 COMMAND_FLAGS = {
     "show": {"input": "IMAGE", "image": "IMAGE"},
     "sensitivity": {"input": "--data", "name": "--model", "settings": "--T, --cut"},
@@ -432,14 +423,8 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def spelled(text: str, command: str) -> str:
-    """``text`` with its leading argument names (``cut: ...``, ``T, cut: ...``) written as
-    the command's flags (``FLAGS``, ``COMMAND_FLAGS``); other text is left as it is."""
-    head, sep, rest = text.partition(": ")
-    flags = {**FLAGS, **COMMAND_FLAGS.get(command, {})}
-    names = head.split(", ")
-    if not sep or not all(name in flags for name in names):
-        return text
-    return ", ".join(dict.fromkeys(flags[name] for name in names)) + ": " + rest
+    """``text`` with its leading argument names written as ``command``'s flags."""
+    return flags.spelled(text, COMMAND_FLAGS.get(command))
 
 
 def _one_line(error: BaseException) -> str:

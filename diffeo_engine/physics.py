@@ -457,7 +457,7 @@ def check_uint8_scale(
         return
     effect = "round every pixel to 0 or 1" if unit else "clamp negative pixels to 0"
     if unit and low < 0:
-        effect += " (and clamp the negative ones to 0)"
+        effect += " (and clamp negative pixels to 0)"
     raise ValueError(
         f"{name}: uint8 output keeps the 0..255 scale, but {where} [{low:.3g}, {high:.3g}]; "
         f"it would {effect}. {fix[:1].upper()}{fix[1:]}"

@@ -17,7 +17,7 @@ import pytest
 import torch
 from hangs import within
 
-from diffeo_engine import cli
+from diffeo_engine import cli, flags
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -324,13 +324,13 @@ def test_argument_names_are_spelled_as_the_flags_of_each_command():
     )
     for text in ("/tmp/x: not readable", "layer 'fc': NaN", "no colon here", "ids: kept"):
         assert cli.spelled(text, "sensitivity") == text  # not an argument: left alone
-    for name, flag in cli.FLAGS.items():  # the table holds flags the commands really have
+    for name, flag in flags.FLAGS.items():  # the table holds flags the commands really have
         assert flag.startswith("--") and name.isidentifier()
     parser = cli.build_parser()
     options = set()
     for action in parser._subparsers._group_actions[0].choices.values():
         options |= {o for a in action._actions for o in a.option_strings}
-    missing = [f for f in cli.FLAGS.values() if f not in options]
+    missing = [f for f in flags.FLAGS.values() if f not in options]
     assert not missing, missing
 
 

@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffeo_engine"
 
 # lowest first; a module belongs to the longest prefix listed
 LAYERS: list[tuple[str, ...]] = [
-    ("physics", "rng", "progress", "versions", "distributed"),
+    ("physics", "rng", "progress", "versions", "distributed", "flags"),
     ("reference", "kernels", "targets"),
     ("operators",),
     ("ops",),

@@ -17,6 +17,7 @@ import torch
 from diffeo_engine import ops
 from diffeo_engine.data.sources.safe import check_input_path
 from diffeo_engine.distributed import DistributedContext, DistributedError, distributed_session
+from diffeo_engine.flags import FLAGS, spelled_error
 from diffeo_engine.generate.exports import FORMATS, IMAGE_FORMATS, export
 from diffeo_engine.generate.manifest import DTYPES, MANIFEST
 from diffeo_engine.generate.plan import DEFAULT_BATCH_SIZE
@@ -29,41 +30,11 @@ __all__ = ["add_commands"]
 DESCRIPTION = "Sharded, resumable writing of perturbed data sets."
 
 
-# the CLI spelling of the Python arguments, for one-line errors
-FLAGS = {
-    "input": "--input",
-    "labels": "--labels",
-    "out": "--out",
-    "T": "--T",
-    "cut": "--cut",
-    "per_image": "--per-image",
-    "seed": "--seed",
-    "noise": "--noise",
-    "dtype": "--dtype",
-    "shard_size": "--shard-size",
-    "batch_size": "--batch-size",
-    "interp": "--interp",
-    "resize": "--resize",
-    "device": "--device",
-    "backend": "--backend",
-    "resume": "--resume",
-    "allow_nonfinite": "--allow-nonfinite",
-}
 # verify and export name the data set DIR and export's destination --out
 DIR_FLAGS = {
-    **FLAGS, "out": "DIR", "dest": "--out", "format": "--format", "image": "--image",
-    "sample": "--sample",
+    "out": "DIR", "dest": "--out", "format": "--format", "image": "--image", "sample": "--sample",
 }  # fmt: skip
 REQUIRED = ("input", "T", "cut", "per_image", "seed")
-
-
-def _cli_spelling(error: Exception, flags: dict[str, str] = FLAGS) -> Exception:
-    """The same error with its leading argument names (``per_image: ...``) as flags."""
-    head, sep, rest = str(error).partition(": ")
-    names = head.split(", ")
-    if not sep or not all(name in flags for name in names):
-        return error
-    return type(error)(", ".join(flags[name] for name in names) + ": " + rest)
 
 
 def _parse_noise(text: str) -> str | float:
@@ -202,7 +173,7 @@ def _generate_rank(args: argparse.Namespace, ctx: DistributedContext, noise) -> 
             allow_nonfinite=args.allow_nonfinite,
         )
     except (ValueError, TypeError, FileNotFoundError) as error:
-        raise _cli_spelling(error) from error
+        raise spelled_error(error) from error
     except OSError as error:
         print(f"diffeo-engine generate: error: {error}", file=sys.stderr)
         return 1
@@ -250,7 +221,7 @@ def _run_verify(args: argparse.Namespace) -> int:
                 )
             report = verify(args.dir, args.sample, **common)
     except (ValueError, TypeError, FileNotFoundError) as error:
-        raise _cli_spelling(error, DIR_FLAGS) from error
+        raise spelled_error(error, DIR_FLAGS) from error
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -268,7 +239,7 @@ def _run_export(args: argparse.Namespace) -> int:
             args.dir, args.out, format=args.format, image=args.image, progress=not args.quiet
         )
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as error:
-        raise _cli_spelling(error, DIR_FLAGS) from error
+        raise spelled_error(error, DIR_FLAGS) from error
     count = info.get("rows", info.get("samples"))
     print(f"exported {count} images of {args.dir} as {args.format} to {args.out}")
     return 0

@@ -48,6 +48,7 @@ from diffeo_engine.physics import (
     check_scalar_T,
     check_seed,
     check_T,
+    check_uint8_scale,
 )
 from diffeo_engine.reference import check_noise
 from diffeo_engine.versions import versions
@@ -164,23 +165,20 @@ def make_settings(T, cut, settings=None) -> list[tuple[float, int]]:
 
 
 def _check_uint8_range(source: ImageSource) -> None:
-    """Refuse uint8 output of float images that are not on the 0..255 scale (sampled rows):
-    rounding images in [0, 1] to integers would leave only 0 and 1, and negative pixels
-    would be clamped to 0."""
+    """Refuse uint8 output of float images that are not on the 0..255 scale (sampled rows;
+    :func:`physics.check_uint8_scale`, negative pixels refused too: a whole data set)."""
     n = len(source)
     rows = sorted({round(i * (n - 1) / max(RANGE_SAMPLE - 1, 1)) for i in range(RANGE_SAMPLE)})
     values = torch.cat([source.batch(i, i + 1).flatten() for i in rows[:n]]).double()
     values = values[torch.isfinite(values)]
     if values.numel() == 0:
         return
-    low, high = float(values.min()), float(values.max())
-    if low < 0 or 0 < high <= 1:
-        raise ValueError(
-            f"dtype: the source {source.spec} holds floats in [{low:.3g}, {high:.3g}] (sampled "
-            f"rows); uint8 output keeps the 0..255 scale and would "
-            f"{'clamp negative pixels to 0' if low < 0 else 'round every pixel to 0 or 1'}. "
-            "Scale the source to 0..255, or pass dtype='float32' (--dtype float32)"
-        )
+    check_uint8_scale(
+        "dtype", float(values.min()), float(values.max()),
+        where=f"the source {source.spec} holds floats (sampled rows) in",
+        fix="scale the source to 0..255, or pass dtype='float32' (--dtype float32)",
+        refuse_negative=True,
+    )  # fmt: skip
 
 
 def default_shard_size(image_bytes: int, total: int) -> int:
