@@ -19,8 +19,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DEST="${BENCH_OUT:-${OUT:-bench/results/parts}}"
 BENCH=(python -m diffeo_engine bench --verbose)
-ALL="fused fused-deform torch-reference grid_sample grid_sample-compiled published-loop kornia"
-NO_LOOP="fused fused-deform torch-reference grid_sample grid_sample-compiled kornia"
+ALL="fused fused-kernel fused-deform torch-reference grid_sample grid_sample-compiled published-loop kornia torchvision-elastic"
+NO_LOOP="fused fused-kernel fused-deform torch-reference grid_sample grid_sample-compiled kornia torchvision-elastic"
 
 shape_of() {
     case "$1" in
