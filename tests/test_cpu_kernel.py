@@ -257,7 +257,7 @@ def test_nonfinite_pixels_are_counted_in_the_kernel_pass():
     assert torch.isfinite(noisy[:2]).all()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
 def test_overflowing_outputs_are_refused(backend):
     x = images_for((2, 1, 8, 8), torch.float32, seed=10) * 3e38
     x[:, :, ::2] *= -1  # changes of 6e38 overflow float32 on the way to the norm

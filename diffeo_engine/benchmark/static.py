@@ -240,12 +240,16 @@ def _meta_inputs(case: StaticCase):
 
 
 def case_launches(case: StaticCase, sm_count: int = H100_MODEL.sms) -> list:
-    """The launches the launcher makes for ``case`` on a device with ``sm_count`` SMs."""
+    """The launches the launcher makes for ``case`` on a device with ``sm_count`` SMs, as
+    the public call makes them: with the non-finite count (``allow_nonfinite=False``)
+    wherever there is something to count (not uint8 in and out)."""
     from diffeo_engine.kernels import perturb as kernels
 
     images, T, ids, tau, noisy = _meta_inputs(case)
     kernels.check_launchable(images, case.cut)
     kw = {"sm_count": sm_count} if "sm_count" in kernels.launches.__kwdefaults__ else {}
+    if not (images.dtype == torch.uint8 and tau.dtype == torch.uint8):
+        kw["nonfinite"] = torch.empty(images.shape[0], dtype=torch.int32, device="meta")
     return kernels.launches(
         images, T, ids, tau, noisy, cut=case.cut, seed=case.seed, noise=case.noise,
         interp=case.interp, **kw,

@@ -22,10 +22,10 @@ from diffeo_engine.kernels.warp import (
     bilinear_offsets,
     gather,
     nearest_offsets,
-    nonfinite,
+    poison,
+    poison_stored,
     source_points,
     store_values,
-    stored_nonfinite,
 )
 
 
@@ -75,29 +75,60 @@ def _sample(src, o00, o01, o10, o11, wx, wy, mask, NEAREST: tl.constexpr, FLAT: 
 
 @triton.jit
 def _channel(x_img, tau_img, noisy_img, c: tl.constexpr, sxc, soc, o00, o01, o10, o11, wx, wy,
-             here, out, mask, seed, id_lo, id_hi, sigma, H, ys, x_start,
+             here, out, mask, seed, id_lo, id_hi, sigma, H, ys, x_start, acc,
              BW: tl.constexpr, NEAREST: tl.constexpr, NOISE: tl.constexpr,
              FAST: tl.constexpr, FLAT: tl.constexpr, CHECK: tl.constexpr):  # fmt: skip
     """Channel ``c`` of a resident image: write ``tau x`` (and ``x + sigma z``); return
-    ``tau x``, ``x``, ``z`` and (``CHECK``) how many values read or written are not finite."""
+    ``tau x``, ``x``, ``z`` and ``acc`` poisoned (:func:`_check_channel`)."""
     src = x_img + c * sxc
     value = _sample(src, o00, o01, o10, o11, wx, wy, mask, NEAREST, FLAT)
     store_values(tau_img + c * soc + out, value, mask)
     clean = value
     z = value
-    bad = 0
     if NOISE != 0 or CHECK:
         clean = tl.load(src + here, mask=mask, other=0).to(tl.float32)
     if CHECK:
-        bad = nonfinite(clean, mask) + stored_nonfinite(tau_img, value, mask)
+        acc = _check_channel(tau_img, clean, value, acc, NOISE)
     if NOISE != 0:
         z = noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW, FAST)
         if NOISE == 1:
-            noisy = tl.fma(z, sigma, clean)
-            store_values(noisy_img + c * soc + out, noisy, mask)
-            if CHECK:
-                bad += stored_nonfinite(noisy_img, noisy, mask)
-    return value, clean, z, bad
+            acc = _store_noisy(noisy_img + c * soc + out, z, sigma, clean, mask, acc, CHECK,
+                               1)  # fmt: skip
+    return value, clean, z, acc
+
+
+@triton.jit
+def _tracked(ptr, NOISE: tl.constexpr):
+    """Whether values must be poisoned one by one: not with matched noise into float32,
+    where the norm ``sum (tau x - x)^2`` turns NaN or inf for any non-finite pixel or
+    ``tau x``, and a finite norm bounds ``|z| scale`` far below float32's last ulp, so
+    ``x + z scale`` cannot overflow either."""
+    return NOISE != 2 or ptr.dtype.element_ty != tl.float32
+
+
+@triton.jit
+def _check_channel(tau_img, clean, value, acc, NOISE: tl.constexpr):
+    """Poison ``acc`` with the pixels read (unless the matched norm sees them) and with
+    ``tau x`` as stored (where :func:`_tracked`)."""
+    if NOISE != 2:
+        acc = poison(clean, acc)
+    if _tracked(tau_img, NOISE):
+        acc = poison_stored(tau_img, value, acc)
+    return acc
+
+
+@triton.jit
+def _store_flag(bad_ptr, b, acc, norm, TRACKED: tl.constexpr):
+    """``bad_ptr[b] = 1`` when the poisoned accumulator (``TRACKED``) or the norm is not
+    finite: each thread sums its own quad of pixels (in registers) and stores 1 if it saw
+    one (every writer writes 1: no race, and no reduction across threads)."""
+    if TRACKED:  # noqa: SIM108 (constexpr branches, kept as statements for Triton)
+        quad = tl.sum(acc, axis=2) + norm  # the quad axis lies within one thread
+    else:
+        quad = norm + tl.zeros((1,), tl.float32)
+    bad = ~(tl.abs(quad) < float("inf"))
+    flag = b + tl.zeros(quad.shape, tl.int32)
+    tl.store(bad_ptr + flag, tl.full(quad.shape, 1, tl.int32), mask=bad)
 
 
 @triton.jit
@@ -127,54 +158,57 @@ def _resident_kernel(x_ptr, tau_ptr, noisy_ptr, coef_ptr, ids_ptr, sx_ptr, sy_pt
     o00, o01, o10, o11, wx, wy = _offsets(dx, dy, ys, xs, H, W, sxh, sxw, NEAREST)
     here = ys * sxh + xs * sxw
     out = ys * soh + xs * sow
-    t0, x0, z0, bad = _channel(x_img, tau_img, noisy_img, 0, sxc, soc, o00, o01, o10, o11, wx,
+    acc = tl.zeros((BH, BW // 4, 4), tl.float32)
+    t0, x0, z0, acc = _channel(x_img, tau_img, noisy_img, 0, sxc, soc, o00, o01, o10, o11, wx,
                                wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys, x_start,
-                               BW, NEAREST, NOISE, FAST, CP <= 16, CHECK)  # fmt: skip
+                               acc, BW, NEAREST, NOISE, FAST, CP <= 16, CHECK)  # fmt: skip
     d2, z2 = _squares(t0, x0, z0, 0.0, 0.0, mask)
     x1, z1, x2, z2_, x3, z3 = x0, z0, x0, z0, x0, z0
     if NC > 1:
-        t1, x1, z1, bad1 = _channel(x_img, tau_img, noisy_img, 1, sxc, soc, o00, o01, o10, o11,
-                                    wx, wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys,
-                                    x_start, BW, NEAREST, NOISE, FAST, CP <= 16,
-                                    CHECK)  # fmt: skip
+        t1, x1, z1, acc = _channel(x_img, tau_img, noisy_img, 1, sxc, soc, o00, o01, o10, o11,
+                                   wx, wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys,
+                                   x_start, acc, BW, NEAREST, NOISE, FAST, CP <= 16,
+                                   CHECK)  # fmt: skip
         d2, z2 = _squares(t1, x1, z1, d2, z2, mask)
-        bad += bad1
     if NC > 2:
-        t2, x2, z2_, bad2 = _channel(x_img, tau_img, noisy_img, 2, sxc, soc, o00, o01, o10, o11,
-                                     wx, wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys,
-                                     x_start, BW, NEAREST, NOISE, FAST, CP <= 16,
-                                     CHECK)  # fmt: skip
-        d2, z2 = _squares(t2, x2, z2_, d2, z2, mask)
-        bad += bad2
-    if NC > 3:
-        t3, x3, z3, bad3 = _channel(x_img, tau_img, noisy_img, 3, sxc, soc, o00, o01, o10, o11,
+        t2, x2, z2_, acc = _channel(x_img, tau_img, noisy_img, 2, sxc, soc, o00, o01, o10, o11,
                                     wx, wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys,
-                                    x_start, BW, NEAREST, NOISE, FAST, CP <= 16,
+                                    x_start, acc, BW, NEAREST, NOISE, FAST, CP <= 16,
                                     CHECK)  # fmt: skip
+        d2, z2 = _squares(t2, x2, z2_, d2, z2, mask)
+    if NC > 3:
+        t3, x3, z3, acc = _channel(x_img, tau_img, noisy_img, 3, sxc, soc, o00, o01, o10, o11,
+                                   wx, wy, here, out, mask, seed, id_lo, id_hi, sigma, H, ys,
+                                   x_start, acc, BW, NEAREST, NOISE, FAST, CP <= 16,
+                                   CHECK)  # fmt: skip
         d2, z2 = _squares(t3, x3, z3, d2, z2, mask)
-        bad += bad3
+    norm = 0.0
     if NOISE == 2:
-        scale = tl.div_rn(tl.sqrt_rn(tl.sum(d2)), tl.sqrt_rn(tl.sum(z2)))
-        bad += _store_noisy(noisy_img + out, z0, scale, x0, mask, CHECK)
+        change = tl.sum(d2)
+        norm = change
+        scale = tl.div_rn(tl.sqrt_rn(change), tl.sqrt_rn(tl.sum(z2)))
+        acc = _store_noisy(noisy_img + out, z0, scale, x0, mask, acc, CHECK, 2)
         if NC > 1:
-            bad += _store_noisy(noisy_img + soc + out, z1, scale, x1, mask, CHECK)
+            acc = _store_noisy(noisy_img + soc + out, z1, scale, x1, mask, acc, CHECK, 2)
         if NC > 2:
-            bad += _store_noisy(noisy_img + 2 * soc + out, z2_, scale, x2, mask, CHECK)
+            acc = _store_noisy(noisy_img + 2 * soc + out, z2_, scale, x2, mask, acc, CHECK,
+                               2)  # fmt: skip
         if NC > 3:
-            bad += _store_noisy(noisy_img + 3 * soc + out, z3, scale, x3, mask, CHECK)
+            acc = _store_noisy(noisy_img + 3 * soc + out, z3, scale, x3, mask, acc, CHECK, 2)
     if CHECK:
-        tl.store(bad_ptr + b, bad)
+        _store_flag(bad_ptr, b, acc, norm, _tracked(tau_ptr, NOISE))
 
 
 @triton.jit
-def _store_noisy(ptr, z, scale, clean, mask, CHECK: tl.constexpr):
-    """Store ``x + scale z``; return how many stored values are not finite (``CHECK``)."""
+def _store_noisy(ptr, z, scale, clean, mask, acc, CHECK: tl.constexpr, NOISE: tl.constexpr):
+    """Store ``x + scale z``; poison ``acc`` with it as stored (``CHECK``, where
+    :func:`_tracked`)."""
     noisy = tl.fma(z, scale, clean)
     store_values(ptr, noisy, mask)
-    if CHECK:
-        return stored_nonfinite(ptr, noisy, mask)
-    else:
-        return 0
+    if CHECK:  # noqa: SIM102 (two constexpr conditions, kept apart for Triton)
+        if _tracked(ptr, NOISE):
+            acc = poison_stored(ptr, noisy, acc)
+    return acc
 
 
 @triton.jit
@@ -199,17 +233,17 @@ def _coefficients_kernel(coef_ptr, T_ptr, ids_ptr, cuts_ptr, std_ptr, seed, CQ: 
 def _add_noise(x_img, noisy_img, seed, id_lo, id_hi, scale, n_tiles, n_tiles_x, C, H, W,
                sxc, sxh, sxw, soc, soh, sow, BH: tl.constexpr, BW: tl.constexpr,
                FAST: tl.constexpr, EVEN: tl.constexpr, CHECK: tl.constexpr):  # fmt: skip
-    """Write ``x + scale * z`` on every tile of the image; return how many stored values are
-    not finite (``CHECK``)."""
-    bad = tl.full((), 0, tl.int32)
+    """Write ``x + scale * z`` on every tile of the image; return an accumulator poisoned by
+    the values stored (``CHECK``)."""
+    acc = tl.zeros((BH, BW // 4, 4), tl.float32)
     for t in range(0, n_tiles):
         ys, xs, x_start, mask = _tile(t, n_tiles_x, H, W, BH, BW, EVEN)
         for c in range(C):
             clean = tl.load(x_img + c * sxc + ys * sxh + xs * sxw, mask=mask, other=0)
             z = noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW, FAST)
-            bad += _store_noisy(noisy_img + c * soc + ys * soh + xs * sow, z, scale,
-                                clean.to(tl.float32), mask, CHECK)  # fmt: skip
-    return bad
+            acc = _store_noisy(noisy_img + c * soc + ys * soh + xs * sow, z, scale,
+                               clean.to(tl.float32), mask, acc, CHECK, 2)  # fmt: skip
+    return acc
 
 
 @triton.jit
@@ -221,8 +255,9 @@ def _warp_kernel(x_ptr, tau_ptr, noisy_ptr, part_ptr, count_ptr, coef_ptr, ids_p
                  NOISE: tl.constexpr, FAST: tl.constexpr, EVEN: tl.constexpr,
                  CHECK: tl.constexpr):  # fmt: skip
     """Field, warp and noise of image ``pid // G`` on its tiles ``pid % G``, ``+ G``, ...;
-    with ``CHECK`` the count of non-finite values read or written is added to
-    ``bad_ptr[b]`` (one atomic per program)."""
+    with ``CHECK`` a program that read or stored a value that is not finite sets
+    ``bad_ptr[b]`` to 1 (with matched noise the image's last program, from the norms and
+    the noise it stores)."""
     pid = tl.program_id(0)
     b = pid // G
     g = pid % G
@@ -232,7 +267,7 @@ def _warp_kernel(x_ptr, tau_ptr, noisy_ptr, part_ptr, count_ptr, coef_ptr, ids_p
     noisy_img = noisy_ptr + b.to(tl.int64) * sob
     d2 = tl.zeros((BH, BW // 4, 4), tl.float32)
     z2 = tl.zeros((BH, BW // 4, 4), tl.float32)
-    bad = tl.full((), 0, tl.int32)
+    acc = tl.zeros((BH, BW // 4, 4), tl.float32)
     for t in range(g, n_tiles, G):
         ys, xs, x_start, mask = _tile(t, n_tiles_x, H, W, BH, BW, EVEN)
         dx, dy = _field(coef_ptr, b, sx_ptr, sy_ptr, ys, xs, H, W, CUT, CQ, CP)
@@ -245,13 +280,15 @@ def _warp_kernel(x_ptr, tau_ptr, noisy_ptr, part_ptr, count_ptr, coef_ptr, ids_p
             if NOISE != 0 or CHECK:
                 clean = tl.load(src + ys * sxh + xs * sxw, mask=mask, other=0).to(tl.float32)
             if CHECK:
-                bad += nonfinite(clean, mask) + stored_nonfinite(tau_img, value, mask)
+                acc = _check_channel(tau_img, clean, value, acc, NOISE)
             if NOISE != 0:
                 z = noise_tile(seed, id_lo, id_hi, c, H, ys, x_start, BW, FAST)
                 if NOISE == 1:
-                    bad += _store_noisy(noisy_img + c * soc + out, z, sigma, clean, mask, CHECK)
+                    acc = _store_noisy(noisy_img + c * soc + out, z, sigma, clean, mask, acc,
+                                       CHECK, 1)  # fmt: skip
                 else:
                     d2, z2 = _squares(value, clean, z, d2, z2, mask)
+    norm = tl.zeros((), tl.float32)
     if NOISE == 2:
         part = part_ptr + (b.to(tl.int64) * G + g) * 2
         tl.store(part, tl.sum(d2))
@@ -266,8 +303,9 @@ def _warp_kernel(x_ptr, tau_ptr, noisy_ptr, part_ptr, count_ptr, coef_ptr, ids_p
             d2_all = tl.sum(d2s.to(tl.float64))
             z2_all = tl.sum(z2s.to(tl.float64))
             scale = (tl.sqrt(d2_all) / tl.sqrt(z2_all)).to(tl.float32)
-            bad += _add_noise(x_img, noisy_img, seed, id_lo, id_hi, scale, n_tiles, n_tiles_x,
+            norm = d2_all.to(tl.float32)
+            acc += _add_noise(x_img, noisy_img, seed, id_lo, id_hi, scale, n_tiles, n_tiles_x,
                               C, H, W, sxc, sxh, sxw, soc, soh, sow, BH, BW, FAST, EVEN,
                               CHECK)  # fmt: skip
     if CHECK:
-        tl.atomic_add(bad_ptr + b, bad)
+        _store_flag(bad_ptr, b, acc, norm, _tracked(tau_ptr, NOISE))

@@ -238,10 +238,11 @@ def perturb(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the kernels: ``(tau x, x + eta or None, non-finite count per image or None)``.
 
-    With ``check`` the kernels count, per image, the NaN and inf values they read from the
-    images and the values they store that are not finite (an overflow of the output dtype),
-    in their own pass (no separate read of the images); the caller reads the count (one
-    small device-to-host copy) and says what is wrong. Without ``check`` nothing is counted.
+    With ``check`` the kernels flag, per image, NaN and inf values among the pixels they read
+    and the values they store (an overflow of the output dtype), in their own pass (no
+    separate read of the images; one FMA per value, or the matched noise's norm itself);
+    the caller reads the flags (one small device-to-host copy) and says what is wrong.
+    Without ``check`` nothing is flagged.
 
     Arguments are already validated (``T`` float32 and ``ids`` int64, shape ``(B,)``, on
     the images' device); ``noise`` is ``None``, ``"matched"`` or a sigma. ``out`` gives

@@ -79,16 +79,19 @@ def store_values(ptr, values, mask):
 
 
 @triton.jit
-def nonfinite(values, mask):
-    """How many of the tile's values are NaN or inf (``|v| < inf`` is false for both)."""
-    return tl.sum((mask & ~(tl.abs(values) < float("inf"))).to(tl.int32))
+def poison(values, acc):
+    """``acc + 0 * values``: NaN once a value is NaN or inf (``0 * inf`` is NaN), finite
+    otherwise; one FMA per value, the check the kernels fold into their pass."""
+    return tl.fma(values, 0.0, acc)
 
 
 @triton.jit
-def stored_nonfinite(ptr, values, mask):
-    """How many values are not finite once stored in the buffer's dtype (an overflow of
-    float16 or bfloat16 shows only after the conversion; uint8 saturates: never)."""
+def poison_stored(ptr, values, acc):
+    """:func:`poison` of the values as the buffer holds them: an overflow of float16 or
+    bfloat16 shows only after the conversion; uint8 saturates (nothing to check)."""
     if ptr.dtype.element_ty == tl.uint8:
-        return 0
+        return acc
+    elif ptr.dtype.element_ty == tl.float32:
+        return poison(values, acc)
     else:
-        return nonfinite(values.to(ptr.dtype.element_ty).to(tl.float32), mask)
+        return poison(values.to(ptr.dtype.element_ty).to(tl.float32), acc)
