@@ -5,8 +5,8 @@ one loop nest per image, so that nothing batch-sized is ever materialised (no fi
 or Philox words of the batch): an image is decoded once into a float32 scratch (counting
 its NaN and inf pixels on the way), its coefficients drawn, its field synthesised
 separably in float64 and rounded once, every channel warped in float32 exactly as the
-reference does, its noise drawn row by row and its outputs stored in their dtype and
-layout (counting values that overflowed). Images are independent: a parallel loop over
+reference does, its noise drawn channel by channel and its outputs stored in their dtype
+and layout (counting values that overflowed). Images are independent: a parallel loop over
 chunks of images, or a serial loop for small batches (no thread start for one image).
 
 Randomness is :mod:`diffeo_engine.rng`'s Philox4x32-10, bit for bit (uint32 words held in
@@ -19,7 +19,7 @@ not depend on its batch, the thread count or the chunking: bit for bit.
 
 Compiled on first use and cached on disk by numba (``cache=True``: beside this file, or in
 the user's cache folder when the package is read-only), one specialisation per input and
-output dtype; :func:`perturb` says so on stderr when a call has to compile.
+output dtype; on a terminal :func:`perturb` says so when a call has to compile.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ from numba import njit, prange
 from diffeo_engine.kernels.outputs import outputs
 from diffeo_engine.physics import mode_variances, sine_table
 from diffeo_engine.rng import (
+    _TWO_PI,
+    _U1_FLOOR,
+    _UNIFORM_SCALE,
     COEFF_STREAM_DX,
     NOISE_STREAM_BASE,
     PHILOX_KEY_A,
@@ -73,9 +76,9 @@ _KB = np.uint64(PHILOX_KEY_B)
 _S32 = np.uint64(32)
 _HALF_RANGE = np.uint64(1 << 31)
 # Triton's (and rng's) uniform scale and Box-Muller constants, as float32
-_UNIFORM_SCALE = np.float32(4.6566127342e-10)
-_TWO_PI = np.float32(6.283185307179586)
-_U1_FLOOR = np.float32(1.0e-7)
+_SCALE32 = np.float32(_UNIFORM_SCALE)
+_TWO_PI32 = np.float32(_TWO_PI)
+_U1_FLOOR32 = np.float32(_U1_FLOOR)
 _MINUS_TWO = np.float32(-2.0)
 _ONE = np.float32(1.0)
 _HALF = np.float32(0.5)
@@ -128,7 +131,7 @@ def _uniform(word):
     """Triton's ``uint_to_uniform_float`` of a uint32 word: float32 in ``[0, 1)``."""
     w = np.uint64(word)
     magnitude = w if w < _HALF_RANGE else _M32 - w  # |signed|, with ~x for negative x
-    return np.float32(np.int64(magnitude)) * _UNIFORM_SCALE
+    return np.float32(np.int64(magnitude)) * _SCALE32
 
 
 _FAST_POLYNOMIALS = dict(_OPTIONS, fastmath={"contract"})  # FMAs: same on every call
@@ -167,7 +170,7 @@ def _normals(wa, wb, n, out_cos, out_sin, u1, mantissa, exponent):
     ``exponent`` are scratch (``log`` splits each float64 into its exponent and mantissa
     through an integer view, so that every loop here vectorises)."""
     for p in range(n):
-        u1[p] = np.float64(max(_uniform(wa[p]), _U1_FLOOR))
+        u1[p] = np.float64(max(_uniform(wa[p]), _U1_FLOOR32))
     bits = u1.view(np.int64)
     for p in range(n):
         exponent[p] = (bits[p] >> 52) - 1023
@@ -183,7 +186,7 @@ def _normals(wa, wb, n, out_cos, out_sin, u1, mantissa, exponent):
         series = 1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0))))
         log_u1 = np.float32(e * _LN2 + 2.0 * s * series)
         radius = np.sqrt(np.float32(log_u1 * _MINUS_TWO))
-        theta = _uniform(wb[p]) * _TWO_PI
+        theta = _uniform(wb[p]) * _TWO_PI32
         sin, cos = _sincos(np.float64(theta))
         out_cos[p] = radius * np.float32(cos)
         out_sin[p] = radius * np.float32(sin)
