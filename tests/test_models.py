@@ -348,7 +348,7 @@ def test_weight_norm_penalty_equals_port_of_authors_w_norm():
                         readout="mean_field").double()  # fmt: skip
         expected = w_norm([layer.weight for layer in net.features], p, width, depth)
         got = weight_norm_penalty(net, p)
-        assert math.isclose(float(got), float(expected), rel_tol=1e-12)
+        assert math.isclose(float(got.detach()), float(expected.detach()), rel_tol=1e-12)
         got.backward()  # a term of the loss: its gradient reaches the weights only
         grad = net.features[1].weight.grad
         if p == 2:

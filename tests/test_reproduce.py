@@ -462,6 +462,31 @@ def test_scale_detection_trains_with_the_ridge_past_interpolation():
     )
 
 
+def test_ridge_as_weight_decay_is_the_authors_penalty():
+    """Claims 2-3 train with the ridge as SGD weight decay on the convolution weights: the
+    same steps as adding ``ridge * w_norm`` (a port of the authors' term) to the loss."""
+    from diffeo_engine.data.scale_detection import ScaleDetection
+    from diffeo_engine.models.train import train
+    from diffeo_engine.reproduce.scale_detection import ridge_arguments
+
+    def w_norm(net, p, H, nbl):  # port of ScaleDetection_SGD.py's w_norm
+        nrm = 0.0
+        for mm in range(nbl):
+            nrm += net.features[mm].weight.abs().pow(p).sum()
+        return nrm / ((H ** (p / 2)) * nbl)
+
+    seed = int(torch.randint(0, 2**16, ()).item())
+    data = ScaleDetection(32, 8, task=2, n=32, seed=seed)
+    nets = [reproduce.scale_detection._net(replace(TINY_SCALE, L=32, width=12, depth=5),
+                                           "relu", seed).double() for _ in range(2)]  # fmt: skip
+    X, y = data.tensors()
+    common = dict(loss="hinge", steps=6, batch_size=8, lr=0.12, seed=seed)
+    train(nets[0], (X.double(), y), **common, **ridge_arguments(nets[0], 0.01))
+    train(nets[1], (X.double(), y), **common, penalty=lambda net: 0.01 * w_norm(net, 2, 12, 5))
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- claim 4, 4x
 
 

@@ -193,3 +193,17 @@ def test_adam_optimizer_matches_torch_adam():
         train(_linear(), (X, y), optimizer="rmsprop")
     with pytest.raises(ValueError, match="momentum"):
         train(_linear(), (X, y), optimizer="adam", momentum=0.9)
+
+
+def test_decay_parameters_limit_the_weight_decay():
+    X, y = _separable(16)
+    model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 1))
+    with torch.no_grad():
+        model[2].weight.fill_(0.0)  # no gradient reaches the first layer: decay alone
+    before = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    train(model, (X, y[:, None].squeeze(1)), steps=1, batch_size=16, lr=0.5, weight_decay=0.2,
+          decay_parameters=[model[0].weight], seed=0)  # fmt: skip
+    assert torch.allclose(model[0].weight, before[0] * (1 - 0.5 * 0.2), atol=1e-7)
+    assert torch.equal(model[0].bias, before[1])  # not decayed, no gradient
+    with pytest.raises(ValueError, match="decay_parameters"):
+        train(model, (X, y), decay_parameters=[nn.Parameter(torch.zeros(2))])

@@ -219,6 +219,7 @@ def train(
     lr: float = 0.1,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
+    decay_parameters=None,
     schedule: str = "constant",
     optimizer: str = "sgd",
     seed: int = 0,
@@ -235,7 +236,10 @@ def train(
     ``data`` (and ``test_data``) is a pair ``(inputs, targets)`` of tensors, an object with
     a ``tensors()`` method (such as ``ScaleDetection``) or a map-style ``Dataset``. Give
     ``epochs`` or ``steps`` (one epoch by default); these bound the run. ``optimizer`` is
-    ``sgd`` (with ``momentum``, ``weight_decay``) or ``adam`` (with ``weight_decay``).
+    ``sgd`` (with ``momentum``, ``weight_decay``) or ``adam`` (with ``weight_decay``);
+    ``decay_parameters`` (parameters of ``model``) limits the weight decay to them. With
+    plain SGD, ``weight_decay = 2 c`` on ``W`` is the gradient of the ridge term ``c
+    ||W||^2`` added to the loss, applied in place (cheaper than a ``penalty``).
     ``schedule`` is ``constant`` or ``cosine`` (decay to 0 over ``epochs``/``steps``).
     ``penalty(model)`` is added to each batch's loss for the gradient only (the recorded
     loss and ``stop_loss`` see the loss without it): Tomasini et al.'s ridge term.
@@ -290,14 +294,24 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model: has no trainable parameters")
+    groups: list[dict] = [{"params": params}]
+    if decay_parameters is not None:
+        chosen = {id(p) for p in decay_parameters}
+        if not chosen <= {id(p) for p in params}:
+            raise ValueError("decay_parameters: expected trainable parameters of the model")
+        groups = [
+            {"params": [p for p in params if id(p) in chosen]},
+            {"params": [p for p in params if id(p) not in chosen], "weight_decay": 0.0},
+        ]
     if optimizer_name == "adam":
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     history = TrainHistory(
         settings=dict(
             loss=loss, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,
-            momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+            momentum=momentum, weight_decay=weight_decay,
+            decay_parameters=None if decay_parameters is None else "some", schedule=schedule,
             optimizer=optimizer_name, seed=seed, stop_loss=stop_loss,
             post_interpolation=post_interpolation, penalty=penalty is not None,
             keep_best=keep_best,

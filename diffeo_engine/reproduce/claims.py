@@ -322,7 +322,7 @@ def run_jobs(
             report(i, n)
         return results
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
         futures = {pool.submit(_single_thread, jobs[i].function, jobs[i].args): i for i in order}
         for n, future in enumerate(as_completed(futures), start=1):
             i = futures[future]

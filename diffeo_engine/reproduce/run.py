@@ -113,14 +113,21 @@ def check_paths(*, mnist=None, cifar10=None, weights=None, out=None, quick=False
             raise FileNotFoundError(f"--cifar10: {text}") from None
 
 
+PROCESSES_PER_CORE = 3
+
+
 def _default_workers(device: torch.device) -> int:
+    """``PROCESSES_PER_CORE`` single-threaded processes per core on the CPU (one on other
+    devices): the runs are few and unequal (five ReLU nets on two cores would leave one
+    core idle for a third of the time), so the cores are shared by the operating system,
+    and the work ends when the last core's share is done."""
     if device.type != "cpu":
         return 1
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, cores)
+    return max(1, PROCESSES_PER_CORE * cores)
 
 
 def run_reproduction(
@@ -141,9 +148,9 @@ def run_reproduction(
 
     ``mnist``: a folder with the MNIST test set (default: the copy in the package).
     ``full``: also the claims that train longer (3, 4x, N2, N3, P2, P3). ``workers``: processes
-    for the trainings (default: one per core on the CPU, each with one torch thread: the
-    nets are small, and on a loaded 2-core machine two threads per process ran them 5-14x
-    slower than one).
+    for the trainings (default: ``PROCESSES_PER_CORE`` per core on the CPU, each with one
+    torch thread: the nets are small, and on a loaded 2-core machine two threads per
+    process ran them 5-14x slower than one).
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"--seed: expected an integer >= 0, got {seed!r}")
@@ -373,7 +380,7 @@ def add_command(subparsers) -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=None,
-        help="processes for the trainings on the CPU (default: one per core)",
+        help="processes for the trainings on the CPU (default: 3 per core, one torch thread each)",
     )
     p.set_defaults(run=_run_command)
     return p
