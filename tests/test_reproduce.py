@@ -393,6 +393,23 @@ def all_of(verdicts):
     return "PASS" if all(v == "PASS" for v in verdicts) else "INCONCLUSIVE"
 
 
+def test_run_jobs_keeps_the_order_and_reports_progress():
+    import time
+
+    from diffeo_engine.reproduce.claims import Job, run_jobs
+
+    lines = []
+    jobs = [Job(time.sleep, (0.5,), cost=3.0, label="sleep"), Job(pow, (2, 10), 1.0, "pow")]
+    results = run_jobs(jobs, workers=2, echo=lines.append, heartbeat=0.05)
+    assert results == [None, 1024]
+    finished = [line for line in lines if line.startswith("  [")]
+    assert len(finished) == 2 and finished[-1].startswith("  [2/2]")
+    assert all("s so far, about" in line and line.endswith("s left)") for line in lines)
+    # while nothing finishes (the workers start, a job sleeps), a line says how far it is
+    assert any(line.startswith("  ... ") for line in lines)
+    assert run_jobs(jobs, workers=1) == [None, 1024]
+
+
 def test_seed_estimate_and_judge_against_numpy():
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**20, ()).item()))
     values = (torch.rand(5, generator=g, dtype=torch.float64) * 3 + 0.1).tolist()

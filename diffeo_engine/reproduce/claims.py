@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -286,49 +287,73 @@ def _single_thread(function: Callable, args: tuple):
         return function(*args)
 
 
+SECONDS_PER_COST = 1.2  # a job's cost unit: one scale-detection epoch, ~1.2 s on one core
+HEARTBEAT = 60.0  # seconds between progress lines while no job finishes
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def run_jobs(
     jobs: Sequence[Job],
     *,
     workers: int,
     echo: Callable[[str], None] | None = None,
     describe: Callable[[Job, object], str] | None = None,
+    heartbeat: float = HEARTBEAT,
 ) -> list:
     """Run ``jobs`` (each with one torch thread), in ``workers`` processes on the CPU, the
     costliest first; return their results in the order of ``jobs``. Each job depends only
-    on its arguments, so the results are those of one process. After each job one line:
-    what finished, the time so far, and the time left estimated from the ``cost`` done."""
+    on its arguments, so the results are those of one process. A line after each job (what
+    finished) and every ``heartbeat`` seconds in between: the time so far and the time
+    left, estimated from the jobs' ``cost`` (``SECONDS_PER_COST`` per unit and core until
+    enough has finished to measure the rate)."""
     results: list = [None] * len(jobs)
     total = sum(job.cost for job in jobs) or 1.0
-    start, done = time.perf_counter(), 0.0
+    start, done, n_done = time.perf_counter(), 0.0, 0
     order = sorted(range(len(jobs)), key=lambda i: -jobs[i].cost)
+    prior = total * SECONDS_PER_COST / max(1, min(workers, _cores()))
 
-    def report(i: int, n_done: int, running: float = 0.0) -> None:
-        """One line; the time left counts the jobs still running as half done."""
-        nonlocal done
-        done += jobs[i].cost
+    def timing(running: float) -> str:
+        """The time so far and left; running jobs count as half done."""
         elapsed = time.perf_counter() - start
-        progress = done + 0.5 * running
-        left = elapsed * (total - progress) / progress if progress > 0 else math.nan
+        expected = max(prior, elapsed)
+        if done > 0:
+            weight = done / total
+            observed = elapsed * total / (done + 0.5 * running)
+            expected = weight * observed + (1 - weight) * expected
+        return f"{elapsed:.0f} s so far, about {max(expected - elapsed, 0.0):.0f} s left"
+
+    def report(i: int, running: float = 0.0) -> None:
+        nonlocal done, n_done
+        done += jobs[i].cost
+        n_done += 1
         what = describe(jobs[i], results[i]) if describe is not None else ""
-        log(
-            echo,
-            f"  [{n_done}/{len(jobs)}] {jobs[i].label}{': ' + what if what else ''} "
-            f"({elapsed:.0f} s so far, about {max(left, 0.0):.0f} s left)",
-        )
+        log(echo, f"  [{n_done}/{len(jobs)}] {jobs[i].label}{': ' + what if what else ''} "
+            f"({timing(running)})")  # fmt: skip
 
     if workers <= 1 or len(jobs) <= 1:
-        for n, i in enumerate(order, start=1):
+        for i in order:
             results[i] = _single_thread(jobs[i].function, jobs[i].args)
-            report(i, n)
+            report(i)
         return results
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
         futures = {pool.submit(_single_thread, jobs[i].function, jobs[i].args): i for i in order}
-        for n, future in enumerate(as_completed(futures), start=1):
-            i = futures[future]
-            results[i] = future.result()
-            running = sum(jobs[j].cost for f, j in futures.items() if f.running())
-            report(i, n, running)
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=heartbeat, return_when=FIRST_COMPLETED)
+            running = sum(jobs[futures[f]].cost for f in pending if f.running())
+            if not finished:
+                log(echo, f"  ... {n_done}/{len(jobs)} done ({timing(running)})")
+            for future in finished:
+                i = futures[future]
+                results[i] = future.result()
+                report(i, running)
     return results
 
 
