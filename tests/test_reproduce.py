@@ -198,7 +198,7 @@ def test_quick_run_schema_and_figures(quick_run):
     settings = results["settings"]
     assert settings["quick"] is True and settings["full"] is False and settings["seed"] == 0
     assert settings["mnist"] == "packaged"  # no --mnist: the copy in the package
-    assert "trained on images [0, 1024)" in stdout and "measured on [9800, 10000)" in stdout
+    assert "measured on images [0, 200), trained on [200, 1224)" in stdout
     assert settings["thresholds"] == {
         "EXPONENT_TOLERANCE": EXPONENT_TOLERANCE,
         "R_DROP": R_DROP,
@@ -579,6 +579,26 @@ def authors_init_copy(model):
             c.running_mean = None
             c.running_var = None
     return f0.eval()
+
+
+def test_mnist_slices_are_disjoint_and_the_probe_set_is_the_authors():
+    from diffeo_engine.data.packaged import packaged_mnist
+    from diffeo_engine.reproduce.mnist import MnistData
+
+    cfg = reproduce.MnistTraining()
+    data = MnistData.load(None, cfg)
+    images, labels = packaged_mnist()
+    x = images.float() / 255
+    # the authors' probe set: the first 500 test images, pixels in [0, 1]
+    assert torch.equal(data.probe[0], x[:500]) and torch.equal(data.probe[1], labels[:500])
+    assert data.probe_offset == 0
+    assert torch.equal(data.train[0], x[500:4596]) and torch.equal(data.select[0], x[4596:5596])
+    assert cfg.split_text().startswith(
+        "MNIST test set: measured on images [0, 500), trained on [500, 4596), checkpoint "
+        "chosen on [4596, 5596)"
+    )
+    with pytest.raises(ValueError, match="disjoint"):
+        MnistData.load(None, reproduce.MnistTraining(n_train=9000))
 
 
 def test_N1_measures_a_batchnorm_net_at_init_with_batch_statistics():
