@@ -287,7 +287,7 @@ def _single_thread(function: Callable, args: tuple):
         return function(*args)
 
 
-SECONDS_PER_COST = 1.2  # a job's cost unit: one scale-detection epoch, ~1.2 s on one core
+SECONDS_PER_COST = 1.5  # a job's cost unit: one scale-detection epoch, ~1.5 s on one core
 HEARTBEAT = 60.0  # seconds between progress lines while no job finishes
 
 
@@ -321,7 +321,7 @@ def run_jobs(
     def timing(running: float) -> str:
         """The time so far and left; running jobs count as half done."""
         elapsed = time.perf_counter() - start
-        expected = max(prior, elapsed)
+        expected = max(prior, 1.1 * elapsed)
         if done > 0:
             weight = done / total
             observed = elapsed * total / (done + 0.5 * running)

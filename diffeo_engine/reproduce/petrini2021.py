@@ -77,11 +77,11 @@ THRESHOLDS = {
 }
 
 # label -> (registry name, keyword arguments, cost of one training epoch of 4096 images in
-# scale-detection epochs, about 1.2 s: only for the estimate of the time left)
+# scale-detection epochs, about 1.5 s: only for the estimate of the time left)
 ARCHITECTURES = {
     "FCN": ("fcn_ntk", {"width": 64, "depth": 3, "input_size": 28}, 0.1),
     "LeNet": ("lenet", {"input_size": 28}, 0.35),
-    "ResNet": ("resnet18", {"width": 16}, 8.0),
+    "ResNet": ("resnet18", {"width": 16}, 7.0),
 }
 LENET_LAYERS = ("features.1", "features.4", "classifier.1", "classifier.3")  # 4x's ReLUs
 
