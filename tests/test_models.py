@@ -11,10 +11,10 @@ from torch import nn
 from diffeo_engine.models import ConstantFilterCNN, ScaleDetectionCNN, get_model, list_models
 from diffeo_engine.models.registry import register_model
 
-IMAGE_MODELS = ["fcn", "lenet", "alexnet"] + [
+IMAGE_MODELS = ["fcn", "fcn_ntk", "lenet", "alexnet"] + [
     f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")
 ] + ["resnet18", "resnet34", "resnet50"]  # fmt: skip
-SIZED = {"fcn", "lenet", "alexnet"}  # these need input_size
+SIZED = {"fcn", "fcn_ntk", "lenet", "alexnet"}  # these need input_size
 
 
 def test_registry_lists_every_family():
@@ -290,3 +290,70 @@ def test_pooling_cnn_pair_has_the_same_weights_and_output():
     assert [m.stride for m in stride.features if isinstance(m, nn.Conv2d)] == [(2, 2)] * 3
     with pytest.raises(ValueError, match="downsample"):
         get_model("pooling_cnn", downsample="avg")
+
+
+class _AuthorsDenseBlock(nn.Module):
+    """Port of Petrini et al.'s ``DenseBlock`` (leonardopetrini/diffeo-sota,
+    ``models/simplenets.py``), for the comparison only."""
+
+    def __init__(self, input_dim, h, last=False):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(input_dim, h))
+        self.b = nn.Parameter(torch.randn(h))
+        self.last = last
+
+    def forward(self, x):
+        x = torch.flatten(x, start_dim=1)
+        input_dim = x.size(1)
+        if self.last:
+            return x @ self.w / input_dim
+        return torch.relu(x @ self.w / input_dim**0.5 + self.b)
+
+
+def test_fcn_ntk_equals_port_of_authors_densenet_l4():
+    seed = int(torch.randint(0, 2**20, ()).item())
+    torch.manual_seed(seed)
+    theirs = nn.Sequential(
+        _AuthorsDenseBlock(784, 64), _AuthorsDenseBlock(64, 64), _AuthorsDenseBlock(64, 64),
+        _AuthorsDenseBlock(64, 10, last=True),
+    ).double()  # fmt: skip
+    ours = get_model("fcn_ntk", seed=seed + 1).double()
+    dense = [m for m in ours.modules() if type(m).__name__ == "NTKDense"]
+    assert len(dense) == 4 and ours.classifier.bias is None
+    with torch.no_grad():
+        for mine, block in zip(dense, theirs):
+            mine.weight.copy_(block.w)
+            if mine.bias is not None:
+                mine.bias.copy_(block.b)
+        x = torch.rand(5, 1, 28, 28, dtype=torch.float64)
+        assert torch.allclose(ours(x), theirs(x), rtol=1e-12, atol=1e-12)
+    # drawn N(0, 1), as theirs: the scaling is in the forward pass
+    big = get_model("fcn_ntk", seed=seed, width=512)
+    w = big.features[2].weight.detach()
+    assert abs(float(w.std()) - 1) < 0.02 and abs(float(w.mean())) < 0.02
+
+
+def test_weight_norm_penalty_equals_port_of_authors_w_norm():
+    from diffeo_engine.models.scale_detection import weight_norm_penalty
+
+    def w_norm(weights, p, H, nbl):  # port of ScaleDetection_SGD.py's w_norm
+        nrm = 0.0
+        for par in weights:
+            nrm += par.abs().pow(p).sum()
+        return nrm / ((H ** (p / 2)) * nbl)
+
+    seed = int(torch.randint(0, 2**20, ()).item())
+    for width, depth, p in ((6, 5, 2), (9, 3, 1)):
+        net = get_model("scale_detection_cnn1d", seed=seed, width=width, depth=depth,
+                        readout="mean_field").double()  # fmt: skip
+        expected = w_norm([layer.weight for layer in net.features], p, width, depth)
+        got = weight_norm_penalty(net, p)
+        assert math.isclose(float(got.detach()), float(expected.detach()), rel_tol=1e-12)
+        got.backward()  # a term of the loss: its gradient reaches the weights only
+        grad = net.features[1].weight.grad
+        if p == 2:
+            expected_grad = 2 * net.features[1].weight / (width * depth)
+            assert torch.allclose(grad, expected_grad, rtol=1e-12)
+        assert net.features[1].bias.grad is None and net.readout.beta.grad is None
+    with pytest.raises(TypeError, match="model"):
+        weight_norm_penalty(nn.Linear(2, 2))

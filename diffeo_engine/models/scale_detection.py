@@ -37,7 +37,7 @@ from diffeo_engine.models.constant_filter import circular_pad_widths
 from diffeo_engine.models.registry import register_model
 from diffeo_engine.physics import check_choice, check_float, check_int
 
-__all__ = ["MeanFieldReadout", "ScaleDetectionCNN", "ScaleDetectionLayer"]
+__all__ = ["MeanFieldReadout", "ScaleDetectionCNN", "ScaleDetectionLayer", "weight_norm_penalty"]
 
 _ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
 TANH_GAIN = 1.7159  # LeCun's scaled tanh
@@ -179,6 +179,18 @@ class ScaleDetectionCNN(nn.Module):
         y = self.pool(self.features(x)).flatten(1)
         out = self.readout(y)
         return out[:, 0] if self.out_dim == 1 else out
+
+
+def weight_norm_penalty(model: ScaleDetectionCNN, p: float = 2.0) -> torch.Tensor:
+    """``sum_k sum |W_k|^p / (width^(p/2) depth)`` over the convolution weights ``W_k`` (as
+    stored, ``N(0, 1)`` at initialisation; biases and readout left out): the ridge term of
+    Tomasini et al.'s released training (``w_norm`` in ``ScaleDetection_SGD.py``, added to
+    the loss times ``ridge = 0.01`` with ``p = 2``)."""
+    if not isinstance(model, ScaleDetectionCNN):
+        raise TypeError(f"model: expected a ScaleDetectionCNN, got {type(model).__name__}")
+    p = check_float("p", p, 0.0, strict=True)
+    total = sum(layer.weight.abs().pow(p).sum() for layer in model.features)
+    return total / (model.width ** (p / 2) * model.depth)
 
 
 def _factory(dim: int):

@@ -1,9 +1,13 @@
-"""A small, deterministic trainer: SGD on a hinge or cross-entropy loss, and weight files.
+"""A small, deterministic trainer: SGD or Adam on a hinge or cross-entropy loss, and weight
+files.
 
-The papers train with plain SGD: Tomasini et al. use the hinge loss ``relu(1 - y f(x))`` on
-``+-1`` labels until the training loss vanishes; Petrini et al. use cross-entropy.
-:func:`train` does either, with momentum and weight decay optional, for a number of epochs
-or of steps, and returns a :class:`TrainHistory`. Shuffling uses a ``torch.Generator``
+Tomasini et al. (2022/23) train with SGD on the hinge loss ``relu(1 - y f(x))`` on ``+-1``
+labels, with a ridge penalty on the weights, until some multiple of the epoch at which the
+training loss first vanishes (``penalty``, ``stop_loss``, ``post_interpolation``); Petrini
+et al. (2021) train with SGD (momentum 0.9, weight decay 5e-4, cosine schedule) or Adam on
+the cross-entropy and keep the checkpoint with the best test accuracy (``keep_best``).
+:func:`train` does either, for a number of epochs or of steps, and returns a
+:class:`TrainHistory`. Shuffling uses a ``torch.Generator``
 seeded by ``seed`` and dropout runs under a forked, seeded RNG, so a run depends only on
 its arguments and the model's initial weights (draw those with ``get_model(..., seed=)``)
 and the global RNG state is left as it was.
@@ -39,6 +43,7 @@ __all__ = [
 ]
 
 LOSSES = ("hinge", "cross_entropy")
+OPTIMIZERS = ("sgd", "adam")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
@@ -138,20 +143,26 @@ def _n_samples(source) -> int:
 class TrainHistory:
     """Per-epoch records of a :func:`train` run (the last epoch may be partial).
 
-    ``loss``/``error`` are the mean training loss and the fraction of misclassified
-    training samples over each epoch's batches (as the model stood at each batch);
+    ``loss``/``error`` are the mean training loss (without the ``penalty``) and the
+    fraction of misclassified training samples over each epoch's batches (as the model
+    stood at each batch); ``penalty`` is the mean penalty term (empty without one);
     ``test_loss``/``test_error`` are measured after the epoch when test data were given.
+    ``interpolation_epoch`` is the first epoch whose loss was ``<= stop_loss`` (0 if none);
+    ``best_epoch`` the epoch whose weights were kept with ``keep_best`` (0: not used).
     """
 
     epoch: list[int] = field(default_factory=list)
     step: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     error: list[float] = field(default_factory=list)
+    penalty: list[float] = field(default_factory=list)
     test_loss: list[float] = field(default_factory=list)
     test_error: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     steps: int = 0
     stopped: str = ""
+    interpolation_epoch: int = 0
+    best_epoch: int = 0
     settings: dict = field(default_factory=dict)
 
     @property
@@ -208,22 +219,38 @@ def train(
     lr: float = 0.1,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
+    decay_parameters=None,
     schedule: str = "constant",
+    optimizer: str = "sgd",
     seed: int = 0,
     device=None,
     test_data=None,
     stop_loss: float | None = None,
+    post_interpolation: float = 1.0,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+    keep_best: bool = False,
     callback: Callable[[dict], None] | None = None,
 ) -> TrainHistory:
-    """Train ``model`` in place with SGD; return its :class:`TrainHistory`.
+    """Train ``model`` in place; return its :class:`TrainHistory`.
 
     ``data`` (and ``test_data``) is a pair ``(inputs, targets)`` of tensors, an object with
     a ``tensors()`` method (such as ``ScaleDetection``) or a map-style ``Dataset``. Give
-    ``epochs`` or ``steps`` (one epoch by default); ``stop_loss`` ends training after the
-    first epoch whose mean training loss is ``<= stop_loss`` (``0`` reproduces the
-    authors' "train until the hinge loss vanishes"). ``schedule`` is ``constant`` or
-    ``cosine`` (decay to 0 over the run). ``callback`` receives each epoch's record. The
-    model's train/eval mode is restored at the end.
+    ``epochs`` or ``steps`` (one epoch by default); these bound the run. ``optimizer`` is
+    ``sgd`` (with ``momentum``, ``weight_decay``) or ``adam`` (with ``weight_decay``);
+    ``decay_parameters`` (parameters of ``model``) limits the weight decay to them. With
+    plain SGD, ``weight_decay = 2 c`` on ``W`` is the gradient of the ridge term ``c
+    ||W||^2`` added to the loss, applied in place (cheaper than a ``penalty``).
+    ``schedule`` is ``constant`` or ``cosine`` (decay to 0 over ``epochs``/``steps``).
+    ``penalty(model)`` is added to each batch's loss for the gradient only (the recorded
+    loss and ``stop_loss`` see the loss without it): Tomasini et al.'s ridge term.
+
+    ``stop_loss``: with ``n*`` the first epoch whose mean training loss is ``<= stop_loss``,
+    stop at the first epoch ``n >= post_interpolation * n*`` whose loss is again ``<=
+    stop_loss`` (``stop_loss=0`` and ``post_interpolation=1`` is "until the hinge loss
+    vanishes"; Tomasini et al.'s released code waits ``500 n*`` with the ridge).
+    ``keep_best`` (needs ``test_data``) restores at the end the weights of the epoch with
+    the lowest test error (the first of equals), Petrini et al.'s best-test checkpoint.
+    ``callback`` receives each epoch's record. The model's train/eval mode is restored.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -239,8 +266,20 @@ def train(
     momentum = check_float("momentum", momentum, 0.0)
     weight_decay = check_float("weight_decay", weight_decay, 0.0)
     schedule = check_choice("schedule", schedule, ("constant", "cosine"))
+    optimizer_name = check_choice("optimizer", optimizer, OPTIMIZERS)
+    if optimizer_name == "adam" and momentum:
+        raise ValueError("momentum: not used by optimizer='adam' (its betas are the defaults)")
     seed = check_seed(seed)
     stop_loss = check_float("stop_loss", stop_loss, 0.0, allow_none=True)
+    post_interpolation = check_float("post_interpolation", post_interpolation, 1.0)
+    if post_interpolation != 1.0 and stop_loss is None:
+        raise ValueError("post_interpolation: needs stop_loss (the loss that marks interpolation)")
+    if penalty is not None and not callable(penalty):
+        raise TypeError(f"penalty: expected a callable model -> tensor, got {penalty!r}")
+    if not isinstance(keep_best, bool):
+        raise TypeError(f"keep_best: expected a bool, got {keep_best!r}")
+    if keep_best and test_data is None:
+        raise ValueError("keep_best: needs test_data (the best checkpoint is the best test one)")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable, got {callback!r}")
     source = _as_loader_source(data, "data")
@@ -255,61 +294,93 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model: has no trainable parameters")
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    groups: list[dict] = [{"params": params}]
+    if decay_parameters is not None:
+        chosen = {id(p) for p in decay_parameters}
+        if not chosen <= {id(p) for p in params}:
+            raise ValueError("decay_parameters: expected trainable parameters of the model")
+        groups = [
+            {"params": [p for p in params if id(p) in chosen]},
+            {"params": [p for p in params if id(p) not in chosen], "weight_decay": 0.0},
+        ]
+    if optimizer_name == "adam":
+        opt = torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     history = TrainHistory(
         settings=dict(
             loss=loss, epochs=epochs, steps=steps, batch_size=batch_size, lr=lr,
-            momentum=momentum, weight_decay=weight_decay, schedule=schedule, seed=seed,
-            stop_loss=stop_loss,
+            momentum=momentum, weight_decay=weight_decay,
+            decay_parameters=None if decay_parameters is None else "some", schedule=schedule,
+            optimizer=optimizer_name, seed=seed, stop_loss=stop_loss,
+            post_interpolation=post_interpolation, penalty=penalty is not None,
+            keep_best=keep_best,
         )
     )  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     cuda = [device.index or 0] if device.type == "cuda" else []
     step, epoch = 0, 0
+    best_error, best_state = math.inf, None
     try:
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             while step < total_steps:
                 epoch += 1
                 model.train()
-                total, wrong, seen = 0.0, 0, 0
+                total, wrong, seen, extra = 0.0, 0, 0, 0.0
                 for x, y in _batches(source, batch_size, generator):
                     if step >= total_steps:
                         break
                     if schedule == "cosine":
-                        for group in optimizer.param_groups:
+                        for group in opt.param_groups:
                             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
                     x, y = x.to(device), y.to(device)
                     if not isinstance(source, tuple):
                         _check_targets(loss, y)
-                    optimizer.zero_grad(set_to_none=True)
+                    opt.zero_grad(set_to_none=True)
                     value, errors = _loss_and_errors(loss, model(x), y)
-                    if not torch.isfinite(value):
+                    objective = value
+                    if penalty is not None:
+                        term = penalty(model)
+                        objective = value + term
+                        extra += float(term.detach()) * x.shape[0]
+                    if not torch.isfinite(objective):
                         raise FloatingPointError(
                             f"training diverged at step {step} (loss {float(value)}); lower lr"
                         )
-                    value.backward()
-                    optimizer.step()
+                    objective.backward()
+                    opt.step()
                     step += 1
                     total += float(value.detach()) * x.shape[0]
                     wrong += int(errors)
                     seen += x.shape[0]
                 record = dict(
                     epoch=epoch, step=step, loss=total / seen, error=wrong / seen,
-                    lr=optimizer.param_groups[0]["lr"],
+                    lr=opt.param_groups[0]["lr"],
                 )  # fmt: skip
+                if penalty is not None:
+                    record["penalty"] = extra / seen
                 if test_source is not None:
                     record["test_loss"], record["test_error"] = evaluate(
                         model, test_source, loss=loss, device=device
                     )
+                    if keep_best and record["test_error"] < best_error:
+                        best_error = record["test_error"]
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        history.best_epoch = epoch
                 for key, value in record.items():
                     getattr(history, key).append(value)
                 if callback is not None:
                     callback(record)
                 if stop_loss is not None and record["loss"] <= stop_loss:
-                    history.stopped = "stop_loss"
-                    break
+                    if not history.interpolation_epoch:
+                        history.interpolation_epoch = epoch
+                    if epoch >= post_interpolation * history.interpolation_epoch:
+                        history.stopped = "stop_loss"
+                        break
+        if best_state is not None:
+            model.load_state_dict(best_state)
     finally:
         model.train(was_training)
     history.steps = step

@@ -2,16 +2,28 @@
 
 A claim is a dict ``{id, claim, statement, expected, measured, verdict, experiment, values,
 thresholds, quick_note}``. ``verdict`` is ``PASS`` or ``FAIL`` for a claim with a threshold
-(fixed in the code before any outcome was seen), ``MEASURED`` for a number reported
-without a verdict, ``NOT TESTABLE`` (with the reason in ``measured``) when the data it
-needs is missing.
+(fixed in the code before any outcome was seen), ``INCONCLUSIVE`` when the measured number
+sits within two standard errors across seeds of its threshold (noise could pass or fail
+it: :func:`judge`), ``MEASURED`` for a number reported without a verdict, ``NOT
+TESTABLE`` (with the reason in ``measured``) when what it needs is missing: data, a net
+that learned, or a run with ``--full``.
+
+Quantities measured over seeds are judged on the log scale: the geometric mean over seeds
+and the standard error of the per-seed logs (:class:`SeedEstimate`). :func:`run_jobs` runs
+the independent trainings of every experiment in worker processes and prints its progress
+with an estimate of the time left.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,19 +33,26 @@ from diffeo_engine.sensitivity import SensitivityMeter
 __all__ = [
     "MNIST_MEAN",
     "MNIST_STD",
+    "STANDARD_ERRORS",
     "VERDICTS",
     "Claims",
+    "Job",
     "Normalize",
+    "SeedEstimate",
     "claims_table",
+    "combine",
     "geometric_mean",
+    "judge",
     "last_over_first",
     "log",
     "measure",
     "ratio",
+    "run_jobs",
     "threads",
 ]
 
-VERDICTS = ("PASS", "FAIL", "MEASURED", "NOT TESTABLE")
+VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE", "MEASURED", "NOT TESTABLE")
+STANDARD_ERRORS = 2.0  # a verdict needs its margin to exceed this many standard errors
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
@@ -109,6 +128,73 @@ def geometric_mean(values) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+@dataclass(frozen=True)
+class SeedEstimate:
+    """A positive quantity measured once per seed, on the log scale: ``mean`` and ``se``
+    (sample standard deviation over ``sqrt(n)``; ``inf`` with one seed) of the logs."""
+
+    mean: float
+    se: float
+    n: int
+
+    @classmethod
+    def of(cls, values) -> SeedEstimate:
+        values = [float(v) for v in values]
+        if not values or not all(math.isfinite(v) and v > 0 for v in values):
+            return cls(math.nan, math.nan, len(values))
+        logs = [math.log(v) for v in values]
+        n = len(logs)
+        mean = sum(logs) / n
+        if n < 2:
+            return cls(mean, math.inf, n)
+        var = sum((x - mean) ** 2 for x in logs) / (n - 1)
+        return cls(mean, math.sqrt(var / n), n)
+
+    @property
+    def gm(self) -> float:
+        """The geometric mean over seeds."""
+        return math.exp(self.mean) if math.isfinite(self.mean) else math.nan
+
+    @property
+    def factor(self) -> float:
+        """``exp(STANDARD_ERRORS * se)``: the geometric mean is known within this factor."""
+        return math.exp(STANDARD_ERRORS * self.se) if math.isfinite(self.se) else math.inf
+
+    def to_dict(self) -> dict:
+        return {"gm": self.gm, "log_mean": self.mean, "log_se": self.se, "seeds": self.n}
+
+
+def judge(estimate: SeedEstimate, bound: float, side: str) -> str:
+    """``PASS`` when the geometric mean is on ``side`` (``"below"`` or ``"above"``) of
+    ``bound`` by more than ``STANDARD_ERRORS`` standard errors (on the log scale),
+    ``FAIL`` when it is on the other side by as much, ``INCONCLUSIVE`` in between or when
+    the number is not finite."""
+    if side not in ("below", "above"):
+        raise ValueError(f"side: expected 'below' or 'above', got {side!r}")
+    if not (math.isfinite(estimate.mean) and bound > 0) or math.isnan(estimate.se):
+        return "INCONCLUSIVE"
+    margin = math.log(bound) - estimate.mean
+    if side == "above":
+        margin = -margin
+    width = STANDARD_ERRORS * estimate.se
+    if margin > width:
+        return "PASS"
+    if margin < -width:
+        return "FAIL"
+    return "INCONCLUSIVE"
+
+
+def combine(verdicts) -> str:
+    """A claim made of several conditions: ``FAIL`` if any fails, else ``PASS`` if all
+    pass, else ``INCONCLUSIVE``."""
+    verdicts = list(verdicts)
+    if "FAIL" in verdicts:
+        return "FAIL"
+    if verdicts and all(v == "PASS" for v in verdicts):
+        return "PASS"
+    return "INCONCLUSIVE"
+
+
 class Normalize:
     """``(x - mean) / std``: scalars (MNIST's by default, pixels in ``[0, 1]``) or one value
     per channel of ``(B, C, H, W)`` batches (CIFAR-10's)."""
@@ -182,6 +268,93 @@ def last_over_first(records: list[dict]) -> dict[str, float]:
     hidden = [r for r in records if r["k"] >= 1]
     first, last = hidden[0], hidden[-1]
     return {key: ratio(last[key], first[key]) for key in ("D", "G", "R")}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One independent run for :func:`run_jobs`: ``function(*args)`` (a module-level
+    function, so that a worker process can import it), ``cost`` its expected share of the
+    time (for the estimate of the time left) and a ``label`` to print."""
+
+    function: Callable
+    args: tuple
+    cost: float
+    label: str
+
+
+def _single_thread(function: Callable, args: tuple):
+    with threads(1):
+        return function(*args)
+
+
+SECONDS_PER_COST = 1.5  # a job's cost unit: one scale-detection epoch, ~1.5 s on one core
+HEARTBEAT = 60.0  # seconds between progress lines while no job finishes
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    *,
+    workers: int,
+    echo: Callable[[str], None] | None = None,
+    describe: Callable[[Job, object], str] | None = None,
+    heartbeat: float = HEARTBEAT,
+) -> list:
+    """Run ``jobs`` (each with one torch thread), in ``workers`` processes on the CPU, the
+    costliest first; return their results in the order of ``jobs``. Each job depends only
+    on its arguments, so the results are those of one process. A line after each job (what
+    finished) and every ``heartbeat`` seconds in between: the time so far and the time
+    left, estimated from the jobs' ``cost`` (``SECONDS_PER_COST`` per unit and core until
+    enough has finished to measure the rate)."""
+    results: list = [None] * len(jobs)
+    total = sum(job.cost for job in jobs) or 1.0
+    start, done, n_done = time.perf_counter(), 0.0, 0
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].cost)
+    prior = total * SECONDS_PER_COST / max(1, min(workers, _cores()))
+
+    def timing(running: float) -> str:
+        """The time so far and left; running jobs count as half done."""
+        elapsed = time.perf_counter() - start
+        expected = max(prior, 1.1 * elapsed)
+        if done > 0:
+            weight = done / total
+            observed = elapsed * total / (done + 0.5 * running)
+            expected = weight * observed + (1 - weight) * expected
+        return f"{elapsed:.0f} s so far, about {max(expected - elapsed, 0.0):.0f} s left"
+
+    def report(i: int, running: float = 0.0) -> None:
+        nonlocal done, n_done
+        done += jobs[i].cost
+        n_done += 1
+        what = describe(jobs[i], results[i]) if describe is not None else ""
+        log(echo, f"  [{n_done}/{len(jobs)}] {jobs[i].label}{': ' + what if what else ''} "
+            f"({timing(running)})")  # fmt: skip
+
+    if workers <= 1 or len(jobs) <= 1:
+        for i in order:
+            results[i] = _single_thread(jobs[i].function, jobs[i].args)
+            report(i)
+        return results
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        futures = {pool.submit(_single_thread, jobs[i].function, jobs[i].args): i for i in order}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=heartbeat, return_when=FIRST_COMPLETED)
+            running = sum(jobs[futures[f]].cost for f in pending if f.running())
+            if not finished:
+                log(echo, f"  ... {n_done}/{len(jobs)} done ({timing(running)})")
+            for future in finished:
+                i = futures[future]
+                results[i] = future.result()
+                report(i, running)
+    return results
 
 
 @contextlib.contextmanager

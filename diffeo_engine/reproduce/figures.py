@@ -135,6 +135,8 @@ def plot_scale_detection(data: dict, path2, path3, *, r_drop: float) -> None:
     _finish(axes, "layer k (0 = input)", note)
     figure.savefig(path2, dpi=90)
 
+    if not runs.get("tanh"):
+        return
     figure, axes = _figure()
     for act, color in (("relu", "C0"), ("tanh", "C1")):
         for when, style in (("init", INIT), ("trained", TRAINED)):
@@ -148,21 +150,16 @@ def plot_scale_detection(data: dict, path2, path3, *, r_drop: float) -> None:
 
 
 def plot_mnist(data: dict, path) -> None:
+    """4x: the LeNets of N2 layer by layer, init and trained (geometric mean of seeds)."""
+    runs = data["runs"]
     figure, axes = _figure()
     for when, style in (("init", INIT), ("trained", TRAINED)):
-        records = data[when]
         for row, key in enumerate("DGR"):
-            _series(
-                axes[row][0],
-                [r["k"] for r in records],
-                [r[key] for r in records],
-                color="C0",
-                label=f"LeNet, {when}",
-                **style,
-            )
+            ks, ys = _gm_by_layer(runs, when, key)
+            _series(axes[row][0], ks, ys, color="C0", label=f"LeNet, {when}", **style)
     axes[0][0].legend(fontsize=7)
     axes[0][0].set_title("4x (exploratory): MNIST LeNet, max-entropy diffeomorphisms", fontsize=9)
-    _finish(axes, "layer k (0 = input)", "(full representation)")
+    _finish(axes, "layer k (0 = input)", f"(full representation; {len(runs)} seeds)")
     figure.savefig(path, dpi=90)
 
 

@@ -12,40 +12,40 @@ normalised with the usual CIFAR-10 constants ``CIFAR_MEAN``, ``CIFAR_STD``). Wit
 it reports NOT TESTABLE with the reason. PASS when every net given has, trained,
 ``D_last/D_1 < 1`` and ``G_last/G_1 > 1`` over its ReLU layers.
 
-**4x, MNIST (exploratory, no verdict).** LeNet trained here on 8000 MNIST images for 5
-epochs (SGD lr 0.05, momentum 0.9, batch 64, cross-entropy), measured on 2000 other images
-at ``cut = 3``, ``T = sqrt(T_min T_max)``, matched noise, pixels normalised inside the
-measurement. A proxy the paper never tested: printed as measured.
+**4x, MNIST (exploratory, no verdict, ``--full``).** The LeNets trained for N2
+(:mod:`.petrini2021`, the authors' recipe, three seeds) measured layer by layer at their
+ReLUs on the probe set of :mod:`.mnist` (``cut = 3``, one-pixel displacement, matched
+noise, full representation, mean estimator): a proxy the paper never tested, printed as
+measured with the geometric means over the seeds.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass
 
-import torch
 from torch import nn
 
 from diffeo_engine.models import get_model
-from diffeo_engine.models.train import evaluate, load_weights, train
-from diffeo_engine.physics import temperature_range, typical_temperature
-from diffeo_engine.reproduce.claims import Claims, Normalize, last_over_first, log, measure
+from diffeo_engine.models.train import load_weights
+from diffeo_engine.physics import typical_temperature
+from diffeo_engine.reproduce.claims import (
+    Claims,
+    Normalize,
+    SeedEstimate,
+    last_over_first,
+    log,
+    measure,
+)
+from diffeo_engine.reproduce.mnist import relu_sites
+from diffeo_engine.reproduce.petrini2021 import LENET_LAYERS
 
 __all__ = [
     "CIFAR_MEAN",
     "CIFAR_NETS",
     "CIFAR_STD",
-    "MNIST_DEFAULT",
-    "MNIST_QUICK",
-    "MnistData",
-    "MnistSettings",
-    "MnistTraining",
     "experiment_cifar10",
     "experiment_mnist",
-    "mnist_splits",
-    "not_testable",
-    "relu_sites",
+    "mnist_not_run",
 ]
 
 CIFAR_NETS = ("vgg11", "alexnet", "lenet")
@@ -53,109 +53,6 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 CIFAR_CUT, CIFAR_DISPLACEMENT = 3, 1.0
 CIFAR_IMAGES = 1000  # test images measured per net
-
-
-@dataclass(frozen=True)
-class MnistTraining:
-    """What every MNIST experiment shares: how many images train and are measured, SGD on
-    the cross-entropy, and the cut of the max-entropy diffeomorphism."""
-
-    n_train: int = 8000
-    n_test: int = 2000
-    epochs: int = 5
-    lr: float = 0.05
-    momentum: float = 0.9
-    batch_size: int = 64
-    cut: int = 3
-
-
-@dataclass(frozen=True)
-class MnistSettings(MnistTraining):
-    """4x: LeNet on MNIST, max-entropy diffeomorphisms."""
-
-    perturbations_per_image: int = 1
-    layers: tuple[str, ...] = ("features.1", "features.4", "classifier.1", "classifier.3")
-
-
-@dataclass
-class MnistData:
-    """The images of one MNIST experiment, ready: normalised training pairs, the measured
-    images in ``[0, 1]`` (with their labels and stream offset), ``T``."""
-
-    train: tuple[torch.Tensor, torch.Tensor]
-    images: torch.Tensor
-    labels: torch.Tensor
-    offset: int
-    how: str
-    norm: Normalize
-    T: float
-    T_range: tuple[float, float]
-
-    @classmethod
-    def load(cls, directory, cfg: MnistTraining) -> MnistData:
-        (train_x, train_y), (test_x, test_y, offset), how = mnist_splits(
-            directory, cfg.n_train, cfg.n_test
-        )
-        norm = Normalize()
-        T_min, T_max = temperature_range(28, cfg.cut)
-        return cls(
-            train=(norm(train_x.float() / 255.0), train_y),
-            images=test_x.float() / 255.0,
-            labels=test_y,
-            offset=offset,
-            how=how,
-            norm=norm,
-            T=math.sqrt(T_min * T_max),
-            T_range=(T_min, T_max),
-        )
-
-    def fit(self, model: nn.Module, cfg: MnistTraining, *, seed: int, device):
-        """Train ``model`` as ``cfg`` says; return the history and the test error."""
-        history = train(
-            model, self.train, loss="cross_entropy", epochs=cfg.epochs,
-            batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, seed=seed,
-            device=device,
-        )  # fmt: skip
-        test_loss, test_error = evaluate(
-            model, (self.norm(self.images), self.labels), loss="cross_entropy", device=device
-        )
-        return history, test_loss, test_error
-
-    def measure(
-        self,
-        model: nn.Module,
-        sites: dict[str, int],
-        cfg: MnistTraining,
-        *,
-        seed: int,
-        device,
-        **meter_kwargs,
-    ) -> list[dict]:
-        """:func:`measure` on the measured images, keyed by their stream offset, at ``T``."""
-        return measure(
-            model, self.images, sites=sites, batch_size=250, device=device,
-            id_offset=self.offset, T=self.T, cut=cfg.cut, seed=seed, preprocess=self.norm,
-            **meter_kwargs,
-        )  # fmt: skip
-
-
-def not_testable(claims: Claims, entries, *, experiment: str, source: str) -> str:
-    """Append ``entries`` (``(id, title)``) as NOT TESTABLE without ``--mnist``."""
-    reason = "not testable here: needs --mnist DIR (MNIST IDX files)"
-    for cid, text in entries:
-        claims.add(cid, text, statement=source, expected="see docs", measured=reason,
-                   verdict="NOT TESTABLE", experiment=experiment)  # fmt: skip
-    return reason
-
-
-MNIST_DEFAULT = MnistSettings()
-MNIST_QUICK = MnistSettings(n_train=4000, n_test=500, epochs=3)
-
-
-def relu_sites(model: nn.Module) -> dict[str, int]:
-    """``{"input": 0, <each ReLU module>: 1, 2, ...}`` in module order."""
-    names = [name for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
-    return {"input": 0, **{name: i + 1 for i, name in enumerate(names)}}
 
 
 def _cifar_net(name: str, seed: int) -> nn.Module:
@@ -257,80 +154,60 @@ def experiment_cifar10(
     }
 
 
-def mnist_splits(directory, n_train: int, n_test: int):
-    """``(train_x, train_y), (test_x, test_y, offset), how``: the training split when the
-    folder has it, else the first ``n_train`` and last ``n_test`` test images."""
-    from diffeo_engine.data.sources import load_mnist
-
-    test_x, test_y = load_mnist(directory, "test")
-    try:
-        train_x, train_y = load_mnist(directory, "train")
-    except FileNotFoundError:
-        train_x = None
-    if train_x is not None:
-        how = "trained on the training split, measured on the test split"
-        return (train_x[:n_train], train_y[:n_train]), (test_x[:n_test], test_y[:n_test], 0), how
-    n = test_x.shape[0]
-    if n < n_train + n_test:
-        raise ValueError(f"--mnist: {n} test images, need {n_train + n_test} (no training split)")
-    how = (
-        f"no training split in the folder: trained on test images [0, {n_train}), "
-        f"measured on [{n - n_test}, {n})"
-    )
-    te = (test_x[n - n_test :], test_y[n - n_test :], n - n_test)
-    return (test_x[:n_train], test_y[:n_train]), te, how
-
-
-def experiment_mnist(
-    cfg: MnistSettings, directory, claims: Claims, *, seed: int, device, echo=None
-) -> dict:
-    """4x: LeNet on MNIST at init and after training, reported as measured."""
-    start = time.perf_counter()
-    device = torch.device(device)
-    data = MnistData.load(directory, cfg)
-    model = get_model("lenet", seed=seed, in_channels=1, num_classes=10, input_size=28)
-    model = model.to(device)
-    sites = {"input": 0, **{name: i + 1 for i, name in enumerate(cfg.layers)}}
-
-    def run_meter():
-        return data.measure(model, sites, cfg, seed=seed, device=device,
-                            perturbations_per_image=cfg.perturbations_per_image)  # fmt: skip
-
-    init = run_meter()
-    history, test_loss, test_error = data.fit(model, cfg, seed=seed, device=device)
-    trained = run_meter()
-    r_tr, r_in = last_over_first(trained), last_over_first(init)
+def experiment_mnist(results: list[dict], claims: Claims) -> dict:
+    """4x from the trained LeNets of N1-N3 (``results``: their runs), reported as measured."""
+    runs = [r for r in results if r.get("layers_trained")]
+    ratios = {
+        w: {k: SeedEstimate.of(last_over_first(r[f"layers_{w}"])[k] for r in runs) for k in "DGR"}
+        for w in ("init", "trained")
+    }
+    r_tr, r_in = ratios["trained"], ratios["init"]
     claims.add(
         "4x",
         "exploratory: MNIST LeNet, trained (a proxy the paper never tested)",
-        statement="LeNet trained 5 epochs on 8000 MNIST images, max-entropy diffeomorphisms: "
-        "the layer-wise D_k, G_k after training, reported without a verdict",
+        statement="LeNet trained on MNIST in Petrini et al.'s recipe (the nets of N2), "
+        "max-entropy diffeomorphisms: the layer-wise D_k, G_k after training, reported "
+        "without a verdict",
         expected="no verdict (not a claim of the paper)",
-        measured=f"D_L/D_1 {r_tr['D']:.3g}, G_L/G_1 {r_tr['G']:.3g}, "
-        f"R_L/R_1 {r_tr['R']:.3g} (init D {r_in['D']:.3g}, G {r_in['G']:.3g})",
+        measured=f"D_L/D_1 {r_tr['D'].gm:.3g}, G_L/G_1 {r_tr['G'].gm:.3g}, R_L/R_1 "
+        f"{r_tr['R'].gm:.3g} (init D {r_in['D'].gm:.3g}, G {r_in['G'].gm:.3g}; "
+        f"{len(runs)} seeds)",
         verdict="MEASURED",
         experiment="mnist",
         values={
-            **{f"{k}_ratio_trained": r_tr[k] for k in "DGR"},
-            **{f"{k}_ratio_init": r_in[k] for k in "DGR"},
-            "test_error": test_error,
+            **{f"{k}_ratio_trained": r_tr[k].gm for k in "DGR"},
+            **{f"{k}_ratio_init": r_in[k].gm for k in "DGR"},
+            "test_error": [r["training"]["test_error"] for r in runs],
         },
     )
-    out = {
-        "description": "LeNet on MNIST, max-entropy diffeomorphisms and matched noise",
-        "settings": {**asdict(cfg), "T": data.T, "T_range": list(data.T_range), "split": data.how},
-        "init": init,
-        "trained": trained,
-        "ratios_init": r_in,
-        "ratios_trained": r_tr,
-        "training": {
-            "epochs": len(history.loss),
-            "final_train_loss": history.final_loss,
-            "final_train_error": history.error[-1] if history.error else math.nan,
-            "test_loss": test_loss,
-            "test_error": test_error,
-        },
-        "seconds": time.perf_counter() - start,
+    return {
+        "description": "the LeNets of N2 on MNIST, layer by layer: max-entropy "
+        "diffeomorphisms and matched noise, full representation, mean estimator",
+        "layers": ["input", *LENET_LAYERS],
+        "runs": [
+            {
+                "seed": r["seed"],
+                "init": r["layers_init"],
+                "trained": r["layers_trained"],
+                "test_error": r["training"]["test_error"],
+            }
+            for r in runs
+        ],
+        "ratios_init": {k: e.to_dict() for k, e in r_in.items()},
+        "ratios_trained": {k: e.to_dict() for k, e in r_tr.items()},
     }
-    log(echo, f"  LeNet: test error {test_error:.3f}, {out['seconds']:.1f} s")
-    return out
+
+
+def mnist_not_run(claims: Claims) -> dict:
+    """4x without ``--full``."""
+    reason = "not testable here: needs --full (the LeNets of N2, trained)"
+    claims.add(
+        "4x",
+        "exploratory: MNIST LeNet, trained (a proxy the paper never tested)",
+        statement="see --full",
+        expected="no verdict (not a claim of the paper)",
+        measured=reason,
+        verdict="NOT TESTABLE",
+        experiment="mnist",
+    )
+    return {"skipped": reason}
