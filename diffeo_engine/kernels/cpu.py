@@ -84,15 +84,24 @@ _ONE = np.float32(1.0)
 _HALF = np.float32(0.5)
 _ZERO = np.float32(0.0)
 _FLOAT32_MAX = np.float32(3.4028234663852886e38)
-# log: m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172
-_MANTISSA = np.int64(0x000FFFFFFFFFFFFF)
-_EXPONENT_ONE = np.int64(0x3FF0000000000000)
-_LN2 = math.log(2.0)
-_SQRT2 = math.sqrt(2.0)
-# sin / cos: Cody-Waite reduction by pi/2 to [-pi/4, pi/4]
-_PIO2_HI = 1.5707963267341256
-_PIO2_LO = 6.077100506506192e-11
-_TWO_OVER_PI = 2.0 / math.pi
+# Box-Muller in float32, as the reference rounds it (16 lanes a vector), to ~3 ulps.
+# log: u = 2^e m, m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(s), s = (m - 1) / (m + 1),
+# |s| < 0.172, the series to s^9; ln 2 split so that e ln 2 is exact to float32
+_MANTISSA = np.int32(0x007FFFFF)
+_EXPONENT_ONE = np.int32(0x3F800000)
+_SQRT2 = np.float32(math.sqrt(2.0))
+_LN2_HI = np.float32(0.693145751953125)
+_LN2_LO = np.float32(1.428606765330187045e-06)
+_ATANH = tuple(np.float32(1.0 / k) for k in (3, 5, 7, 9))
+# sin / cos: Cody-Waite reduction by pi/2 (three parts, k * part exact for k <= 4) to
+# [-pi/4, pi/4], then the minimax polynomials of Cephes' sinf / cosf
+_TWO_OVER_PI = np.float32(2.0 / math.pi)
+_PIO2 = (np.float32(1.5703125), np.float32(4.837512969970703125e-4),
+         np.float32(7.54978995489188216e-8))  # fmt: skip
+_SIN = (np.float32(-1.6666654611e-1), np.float32(8.3321608736e-3),
+        np.float32(-1.9515295891e-4))  # fmt: skip
+_COS = (np.float32(4.166664568298827e-2), np.float32(-1.388731625493765e-3),
+        np.float32(2.443315711809948e-5))  # fmt: skip
 # exact powers of two for decoding halves: _POW2[k + 140] = 2**k
 _POW2 = np.array([2.0**k for k in range(-140, 128)], dtype=np.float64)
 
@@ -139,23 +148,13 @@ _FAST_POLYNOMIALS = dict(_OPTIONS, fastmath={"contract"})  # FMAs: same on every
 
 @njit(**_FAST_POLYNOMIALS)
 def _sincos(theta):
-    """``(sin, cos)`` of a float64 angle in ``[0, 2 pi)``, branch-free, to ~1e-10 (far
-    below a float32 ulp, all the normals keep)."""
-    k = np.floor(theta * _TWO_OVER_PI + 0.5)
-    r = (theta - k * _PIO2_HI) - k * _PIO2_LO
+    """``(sin, cos)`` of a float32 angle in ``[0, 2 pi)``, branch-free, to ~2 float32 ulps."""
+    k = np.floor(theta * _TWO_OVER_PI + _HALF)
+    r = ((theta - k * _PIO2[0]) - k * _PIO2[1]) - k * _PIO2[2]
     r2 = r * r
-    s = r * (
-        1.0
-        + r2
-        * (
-            -1.0 / 6.0
-            + r2 * (1.0 / 120.0 + r2 * (-1.0 / 5040.0 + r2 * (1.0 / 362880.0 - r2 / 39916800.0)))
-        )
-    )
-    c = 1.0 + r2 * (
-        -0.5 + r2 * (1.0 / 24.0 + r2 * (-1.0 / 720.0 + r2 * (1.0 / 40320.0 - r2 / 3628800.0)))
-    )
-    q = np.int64(k) & 3
+    s = r + r * r2 * (_SIN[0] + r2 * (_SIN[1] + r2 * _SIN[2]))
+    c = _ONE - _HALF * r2 + r2 * r2 * (_COS[0] + r2 * (_COS[1] + r2 * _COS[2]))
+    q = np.int32(k) & 3
     sin = c if q & 1 else s
     cos = s if q & 1 else c
     sin = -sin if q >= 2 else sin
@@ -164,32 +163,32 @@ def _sincos(theta):
 
 
 @njit(**_FAST_POLYNOMIALS)
-def _normals(wa, wb, n, out_cos, out_sin, u1, mantissa, exponent):
+def _normals(wa, wb, n, out, u1, mantissa, exponent):
     """Box-Muller (Triton's ``pair_uniform_to_normal``) of the word pairs ``(wa, wb)``:
-    float32 ``radius cos theta`` and ``radius sin theta``. ``u1``, ``mantissa`` and
-    ``exponent`` are scratch (``log`` splits each float64 into its exponent and mantissa
-    through an integer view, so that every loop here vectorises)."""
+    float32 ``out[2p] = radius cos theta`` and ``out[2p + 1] = radius sin theta``, the
+    pair's two normals side by side. ``u1`` (float32), ``mantissa`` and ``exponent``
+    (int32) are scratch: ``log`` splits each float into its exponent and mantissa through
+    an integer view, so that every loop here vectorises."""
     for p in range(n):
-        u1[p] = np.float64(max(_uniform(wa[p]), _U1_FLOOR32))
-    bits = u1.view(np.int64)
+        u1[p] = max(_uniform(wa[p]), _U1_FLOOR32)
+    bits = u1.view(np.int32)
     for p in range(n):
-        exponent[p] = (bits[p] >> 52) - 1023
+        exponent[p] = (bits[p] >> 23) - 127
         mantissa[p] = (bits[p] & _MANTISSA) | _EXPONENT_ONE
-    m_values = mantissa.view(np.float64)
+    m_values = mantissa.view(np.float32)
     for p in range(n):
         m = m_values[p]
         big = m > _SQRT2
-        m = m * 0.5 if big else m
-        e = np.float64(exponent[p] + 1 if big else exponent[p])
-        s = (m - 1.0) / (m + 1.0)
+        m = m * _HALF if big else m
+        e = np.float32(exponent[p] + 1 if big else exponent[p])
+        s = (m - _ONE) / (m + _ONE)
         s2 = s * s
-        series = 1.0 + s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0))))
-        log_u1 = np.float32(e * _LN2 + 2.0 * s * series)
-        radius = np.sqrt(np.float32(log_u1 * _MINUS_TWO))
-        theta = _uniform(wb[p]) * _TWO_PI32
-        sin, cos = _sincos(np.float64(theta))
-        out_cos[p] = radius * np.float32(cos)
-        out_sin[p] = radius * np.float32(sin)
+        series = s2 * (_ATANH[0] + s2 * (_ATANH[1] + s2 * (_ATANH[2] + s2 * _ATANH[3])))
+        log_u1 = e * _LN2_HI + (e * _LN2_LO + (s + s) + (s + s) * series)
+        radius = np.sqrt(log_u1 * _MINUS_TWO)
+        sin, cos = _sincos(_uniform(wb[p]) * _TWO_PI32)
+        out[2 * p] = radius * cos
+        out[2 * p + 1] = radius * sin
 
 
 # ------------------------------------------------------------------- loads and stores
@@ -250,10 +249,21 @@ def _load(x, base, sc, sh, sw, C, H, W, kind, xf):
     """Image at ``base`` (element strides ``sc, sh, sw``) into the float32 NCHW scratch
     ``xf``; returns how many of its values are NaN or inf."""
     bad = 0
+    direct = sw == 1 and kind not in (FLOAT16, BFLOAT16)  # contiguous rows: vectorised
+    plane = direct and sh == W  # and a channel is one run: one loop
     for c in range(C):
-        for y in range(H):
+        for y in range(1 if plane else H):
             row = base + c * sc + y * sh
             out = (c * H + y) * W
+            n = H * W if plane else W
+            if direct:
+                source = x[row : row + n]
+                target = xf[out : out + n]
+                for i in range(n):
+                    v = np.float32(source[i])
+                    target[i] = v
+                    bad += not (abs(v) <= _FLOAT32_MAX)
+                continue
             for i in range(W):
                 if kind in (FLOAT16, BFLOAT16):
                     v = _half_value(x[row + i * sw], kind)
@@ -271,10 +281,28 @@ def _store(values, out, base, sc, sh, sw, C, H, W, kind):
     not finite (float outputs only)."""
     bad = 0
     bits = values.view(np.uint32)
+    direct = sw == 1 and kind in (FLOAT32, UINT8)  # contiguous rows: vectorised
+    plane = direct and sh == W  # and a channel is one run: one loop
     for c in range(C):
-        for y in range(H):
+        for y in range(1 if plane else H):
             row = base + c * sc + y * sh
             src = (c * H + y) * W
+            n = H * W if plane else W
+            if direct and kind == FLOAT32:
+                source = values[src : src + n]
+                target = out[row : row + n]
+                for i in range(n):
+                    v = source[i]
+                    target[i] = v
+                    bad += not (abs(v) <= _FLOAT32_MAX)
+                continue
+            if direct:  # uint8: half up and saturated
+                source = values[src : src + n]
+                target = out[row : row + n]
+                for i in range(n):
+                    r = min(max(np.floor(source[i] + _HALF), _ZERO), np.float32(255.0))
+                    target[i] = np.uint8(r) if r == r else np.uint8(0)
+                continue
             for i in range(W):
                 v = values[src + i]
                 if kind == UINT8:
@@ -297,15 +325,16 @@ def _store(values, out, base, sc, sh, sw, C, H, W, kind):
 
 @njit(**_OPTIONS)
 def _coefficients(na, std, sqrt_T, cut, coef):
-    """``coef[s, i, j]`` (float64) from the first normals ``na`` of every mode of the
-    ``(cm, cm)`` square, both streams: ``normal * std * sqrt(T)`` in float32 as the reference,
-    0 outside the image's own disc ``i^2 + j^2 < (cut + 1/2)^2`` (1-based)."""
+    """``coef[s, i, j]`` (float64) from the normals ``na`` of every mode of the ``(cm, cm)``
+    square, both streams (the cosine of each mode's pair, ``na[2 k]``): ``normal * std *
+    sqrt(T)`` in float32 as the reference, 0 outside the image's own disc
+    ``i^2 + j^2 < (cut + 1/2)^2`` (1-based)."""
     cm = std.shape[0]
     inside = cut * (cut + 1)
     for s in range(2):
         for i in range(cm):
             for j in range(cm):
-                normal = na[(s * cm + i) * cm + j]
+                normal = na[2 * ((s * cm + i) * cm + j)]  # the cosine of the mode's pair
                 kept = i < cut and j < cut and (i + 1) ** 2 + (j + 1) ** 2 <= inside
                 value = (normal * std[i, j]) * sqrt_T
                 coef[s, i, j] = np.float64(value) if kept else 0.0
@@ -391,27 +420,28 @@ def _sum_squares(a, b):
 
 
 @njit(**_OPTIONS)
-def _noise_channel(c0, c1, H, W, id_lo, id_hi, k0, k1, z, w, n, bm):
-    """The noise ``z`` of one channel (four normals per Philox call, lane ``x & 3`` at
-    counter ``x >> 2``, as :func:`rng._noise`)."""
+def _noise_channel(c0, c1, H, W, id_lo, id_hi, k0, k1, z, w, pairs, normals, bm):
+    """The noise ``z`` of one channel: four normals per Philox call, lane ``x & 3`` at
+    counter ``x >> 2`` (as :func:`rng._noise`). The words are laid out as pairs in pixel
+    order (pair ``2e + h`` is ``(w[2h][e], w[2h + 1][e])``), so that Box-Muller writes the
+    normals of a row in their pixel order: no scatter."""
     nq = (W + 3) // 4
     n_row = H * nq
     _philox(c0, c1, n_row, id_lo, id_hi, k0, k1, w[0], w[1], w[2], w[3])
-    n0, n1, n2, n3 = n[0], n[1], n[2], n[3]
-    _normals(w[0], w[1], n_row, n0, n1, bm[0], bm[1], bm[2])
-    _normals(w[2], w[3], n_row, n2, n3, bm[0], bm[1], bm[2])
+    wa = pairs[0]
+    wb = pairs[1]
+    w0, w1, w2, w3 = w[0], w[1], w[2], w[3]
+    for e in range(n_row):
+        wa[2 * e] = w0[e]
+        wa[2 * e + 1] = w2[e]
+        wb[2 * e] = w1[e]
+        wb[2 * e + 1] = w3[e]
+    if W % 4 == 0:  # rows without padding: the normals are the channel
+        _normals(wa, wb, 2 * n_row, z, bm[0], bm[1], bm[2])
+        return
+    _normals(wa, wb, 2 * n_row, normals, bm[0], bm[1], bm[2])
     for y in range(H):
-        row = z[y * W : (y + 1) * W]
-        at = y * nq
-        for q in range(W // 4):
-            row[4 * q] = n0[at + q]
-            row[4 * q + 1] = n1[at + q]
-            row[4 * q + 2] = n2[at + q]
-            row[4 * q + 3] = n3[at + q]
-        for i in range(W - W % 4, W):
-            lane = i & 3
-            e = at + (i >> 2)
-            row[i] = n0[e] if lane == 0 else n1[e] if lane == 1 else n2[e]
+        z[y * W : (y + 1) * W] = normals[4 * nq * y : 4 * nq * y + W]
 
 
 # --------------------------------------------------------------------------- the images
@@ -434,10 +464,11 @@ def _images(lo, hi, x, x_strides, tau, noisy, out_strides, T, ids, cuts, std, sx
     zf = np.empty(C * HW if noise != NOISE_NONE else 1, np.float32)
     zeros = np.zeros(C * HW if noise == NOISE_MATCHED else 1, np.float32)
     w = np.empty((4, n_words), np.uint32)
-    n = np.empty((4, n_words), np.float32)
-    u1 = np.empty(n_words, np.float64)
-    mantissa = np.empty(n_words, np.int64)
-    exponent = np.empty(n_words, np.int64)
+    pairs = np.empty((2, 2 * n_words), np.uint32)
+    normals = np.empty(4 * n_words, np.float32)
+    u1 = np.empty(2 * n_words, np.float32)
+    mantissa = np.empty(2 * n_words, np.int32)
+    exponent = np.empty(2 * n_words, np.int32)
     bm = (u1, mantissa, exponent)
     coef = np.empty((2, cm, cm), np.float64)
     rows = np.empty((2, cm, W), np.float64)
@@ -454,14 +485,15 @@ def _images(lo, hi, x, x_strides, tau, noisy, out_strides, T, ids, cuts, std, sx
         id_hi = (image_id >> _S32) & _M32
         cut = cuts[b]
         _philox(coef_c0, coef_c1, n_modes, id_lo, id_hi, k0, k1, w[0], w[1], w[2], w[3])
-        _normals(w[0], w[1], n_modes, n[0], n[1], u1, mantissa, exponent)
-        _coefficients(n[0], std, np.sqrt(np.float32(T[b])), cut, coef)
+        _normals(w[0], w[1], n_modes, normals, u1, mantissa, exponent)
+        _coefficients(normals, std, np.sqrt(np.float32(T[b])), cut, coef)
         _field_rows(coef, sx, cut, W, rows)
         _warp(rows, sy, cut, H, W, C, nearest, u, v, px, py, xf, tauf)
         if noise != NOISE_NONE:
             for c in range(C):
                 _noise_channel(noise_c0[c * n_row :], noise_c1[c * n_row :], H, W, id_lo,
-                               id_hi, k0, k1, zf[c * HW : (c + 1) * HW], w, n, bm)  # fmt: skip
+                               id_hi, k0, k1, zf[c * HW : (c + 1) * HW], w, pairs, normals,
+                               bm)  # fmt: skip
         bad += _store(tauf, tau, b * sob, soc, soh, sow, C, H, W, out_kind)
         if noise != NOISE_NONE:
             if noise == NOISE_MATCHED:
