@@ -11,8 +11,8 @@ chunks of images, or a serial loop for small batches (no thread start for one im
 
 Randomness is :mod:`diffeo_engine.rng`'s Philox4x32-10, bit for bit (uint32 words held in
 uint64, 32x32-bit products zero-extended, so that LLVM vectorises them); Box-Muller turns
-them into float32 normals with float64 polynomials for ``log``, ``sin`` and ``cos``
-(branch-free, so the loops vectorise; within an ulp of float32 of the reference's). Floats
+them into float32 normals with float32 polynomials for ``log``, ``sin`` and ``cos``
+(branch-free, so the loops vectorise; within ~3 float32 ulps of the reference's). Floats
 differ from the reference's only by those ulps and by the float64 summation order of the
 field and the norms (tests/test_cpu_kernel.py states the tolerances). An image's outputs do
 not depend on its batch, the thread count or the chunking: bit for bit.
