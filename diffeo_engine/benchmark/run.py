@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -74,9 +75,10 @@ def _record(item: PlanItem, runner: Runner, timing: dict, copy_GBps: float, tele
 
 
 def _interleaved(items: list[PlanItem], copy_GBps: float, *, reps: int, group_s: float) -> list:
-    """Every provider of one case timed round by round in turn (A B C A B C ...), so that a
-    machine whose speed drifts (a shared CPU) slows all of them alike: each record gets the
-    median of its own rounds and, per baseline, the median of the per-round ratios."""
+    """Every provider of one case timed round by round, in a new order each round (A B C,
+    C A B, B C A, ...), so that a machine whose speed drifts (a shared CPU) slows all of
+    them alike: each record gets the median of its own rounds and, per baseline, the
+    median of the per-round ratios."""
     runners = [Runner(item.provider, item.case) for item in items]
     inner = []
     for runner in runners:  # warm-up (JIT cache, allocation) and one estimate each
@@ -86,8 +88,12 @@ def _interleaved(items: list[PlanItem], copy_GBps: float, *, reps: int, group_s:
         estimate = time.perf_counter() - start
         inner.append(max(1, min(1000, math.ceil(group_s / max(estimate, 1e-9)))))
     times: list[list[float]] = [[] for _ in runners]
+    order = random.Random(0)  # fixed: the same orders every run
     for _ in range(reps):
-        for k, runner in enumerate(runners):
+        # shuffled each round: which provider runs right after which (after another
+        # runtime's OpenMP threads, still spinning for ~10 ms on a core) changes
+        for k in order.sample(range(len(runners)), len(runners)):
+            runner = runners[k]
             start = time.perf_counter()
             for _ in range(inner[k]):
                 runner.step()
