@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from authors import relative_distance_port
 
 from diffeo_engine import cli, reproduce
 from diffeo_engine.reproduce import (
@@ -552,20 +553,6 @@ def test_claims_table_refuses_unknown_verdicts():
 
 
 # ----------------------------------------------------------------------------- N1-N3, P1-P3
-
-
-def relative_distance_port(f, os, ds, qs):
-    """Port of Petrini et al.'s ``relative_distance`` (median, one temperature): the
-    stabilities of ``f`` to the deformed ``ds`` and noisy ``qs`` copies of ``os``, each
-    set forwarded as one batch."""
-    with torch.no_grad():
-        f0 = f(os).detach().reshape(len(os), -1)
-        deno = torch.cdist(f0, f0).pow(2).median().item() + 1e-10
-        fd = f(ds).detach().reshape(len(os), -1)
-        fq = f(qs).detach().reshape(len(os), -1)
-        outd = (fd - f0).pow(2).median(0).values.sum().item() / deno
-        outq = (fq - f0).pow(2).median(0).values.sum().item() / deno
-    return outd, outq
 
 
 def authors_init_copy(model):

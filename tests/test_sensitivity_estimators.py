@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from authors import relative_distance_port
 from torch import nn
 
 from diffeo_engine.sensitivity import NonFiniteActivationError, SensitivityMeter
@@ -42,19 +43,6 @@ def _net(seed: int) -> nn.Module:
 def _images(n: int, seed: int) -> torch.Tensor:
     return torch.rand(n, 2, 6, 6, generator=torch.Generator().manual_seed(seed),
                       dtype=torch.float64)  # fmt: skip
-
-
-def relative_distance_port(f, os, ds, qs):
-    """Port of the authors' median ``relative_distance`` (one perturbation set): returns
-    (deformation, noise) stabilities."""
-    with torch.no_grad():
-        f0 = f(os).detach().reshape(len(os), -1)
-        deno = torch.cdist(f0, f0).pow(2).median().item() + 1e-10
-        fd = f(ds).detach().reshape(len(os), -1)
-        fq = f(qs).detach().reshape(len(os), -1)
-        outd = (fd - f0).pow(2).median(0).values.sum().item() / deno
-        outq = (fq - f0).pow(2).median(0).values.sum().item() / deno
-    return outd, outq
 
 
 def test_median_estimator_matches_port_of_authors_function():
