@@ -333,11 +333,13 @@ def stability_int_port(features, layer, images, perturbed):
     """Port of the authors' ``stability_int(f, layer, i, ns, Mean=True)`` (one layer's
     channel-mean output); returns ``[S_diffeo, S_noise]`` and the denominator."""
     with torch.no_grad():
-        f0 = features(images)[layer].mean(1).unsqueeze(1).reshape(len(images), -1)
+        # float64 from the features on: torch.cdist's float32 matrix-product form loses
+        # digits to cancellation, which would leave the port less exact than the meter
+        f0 = features(images)[layer].mean(1).unsqueeze(1).reshape(len(images), -1).double()
         deno = torch.cdist(f0, f0).pow(2).mean().item() + 1e-30
         S = []
         for n in perturbed:
-            fn = features(n)[layer].mean(1).unsqueeze(1).reshape(len(images), -1)
+            fn = features(n)[layer].mean(1).unsqueeze(1).reshape(len(images), -1).double()
             S.append((fn - f0).pow(2).mean(0).sum().item() / deno)
     return S, deno
 
@@ -607,9 +609,15 @@ def test_N1_measures_a_batchnorm_net_at_init_with_batch_statistics():
     tau, noisy = de.perturb(images, cfg.T, cfg.cut, seed=7, ids=ids)
     D, G = relative_distance_port(authors_init_copy(model), images, tau, noisy)
     assert math.isclose(ours["D"], D, rel_tol=1e-4) and math.isclose(ours["G"], G, rel_tol=1e-4)
-    # with eval() and fresh running statistics every BatchNorm is the identity: another number
-    D_eval, G_eval = relative_distance_port(model.eval(), images, tau, noisy)
-    assert abs(math.log((D_eval / G_eval) / (D / G))) > 0.05
+    # with eval() and fresh running statistics every BatchNorm is the identity: another
+    # function (logits over 0.81 apart in relative norm in 150 seeds) and numbers further
+    # from the authors' than the agreement above allows (|log| at least 1.8e-3 there); how
+    # far R_f moves depends on the draw (2.5e-3 to 0.5 on uniform pixels), so it is not bound
+    with torch.no_grad():
+        logits, logits_eval = authors_init_copy(model)(images), model.eval()(images)
+    assert float((logits_eval - logits).norm() / logits.norm()) > 0.5
+    D_eval, G_eval = relative_distance_port(model, images, tau, noisy)
+    assert abs(math.log(D_eval / D)) > 1e-3 and abs(math.log(G_eval / G)) > 1e-3
     # the model itself is untouched (still has its running statistics)
     assert all(m.running_mean is not None for m in model.modules()
                if isinstance(m, torch.nn.BatchNorm2d))  # fmt: skip
