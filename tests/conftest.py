@@ -3,6 +3,7 @@
 Without CUDA the Triton kernels run in the interpreter: ``TRITON_INTERPRET=1`` must be set
 before ``triton`` is first imported, which is why it happens here, at collection time.
 Tests marked ``gpu`` are skipped cleanly where CUDA is missing.
+The seeding of random inputs is the repository root's ``conftest.py`` (tests and bench).
 """
 
 import os

@@ -20,7 +20,7 @@ def _random(n: int, seed: int):
 
 
 def test_reads_labels_and_channel_planes(tmp_path):
-    labels, pixels = _random(5, seed=int(np.random.default_rng().integers(1 << 30)))
+    labels, pixels = _random(5, seed=int(np.random.randint(1 << 30)))
     _write(tmp_path / "test_batch.bin", labels, pixels)
     x, y = load_cifar10(tmp_path, "test")
     assert x.dtype == torch.uint8 and x.shape == (5, 3, 32, 32)
