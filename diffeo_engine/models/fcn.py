@@ -24,6 +24,16 @@ from diffeo_engine.physics import check_int, check_int_or_pair
 __all__ = ["FCN", "NTKFCN", "NTKDense"]
 
 
+def _checked_sizes(in_channels, num_classes, input_size, width, depth) -> tuple[int, ...]:
+    """The checked sizes of a fully-connected net: ``(inputs, num_classes, width, depth)``."""
+    in_channels = check_int("in_channels", in_channels, 1)
+    num_classes = check_int("num_classes", num_classes, 1)
+    H, W = check_int_or_pair("input_size", input_size)
+    width = check_int("width", width, 1)
+    depth = check_int("depth", depth, 1)
+    return in_channels * H * W, num_classes, width, depth
+
+
 class FCN(nn.Module):
     def __init__(
         self,
@@ -34,13 +44,10 @@ class FCN(nn.Module):
         depth: int = 2,
     ) -> None:
         super().__init__()
-        in_channels = check_int("in_channels", in_channels, 1)
-        num_classes = check_int("num_classes", num_classes, 1)
-        H, W = check_int_or_pair("input_size", input_size)
-        width = check_int("width", width, 1)
-        depth = check_int("depth", depth, 1)
+        n_in, num_classes, width, depth = _checked_sizes(
+            in_channels, num_classes, input_size, width, depth
+        )
         layers: list[nn.Module] = [nn.Flatten()]
-        n_in = in_channels * H * W
         for _ in range(depth):
             layers += [nn.Linear(n_in, width), nn.ReLU()]
             n_in = width
@@ -92,14 +99,11 @@ class NTKFCN(nn.Module):
         depth: int = 3,
     ) -> None:
         super().__init__()
-        in_channels = check_int("in_channels", in_channels, 1)
-        num_classes = check_int("num_classes", num_classes, 1)
-        H, W = check_int_or_pair("input_size", input_size)
-        width = check_int("width", width, 1)
-        depth = check_int("depth", depth, 1)
+        n_in, num_classes, width, depth = _checked_sizes(
+            in_channels, num_classes, input_size, width, depth
+        )
         self.flatten = nn.Flatten()
         layers: list[nn.Module] = []
-        n_in = in_channels * H * W
         for _ in range(depth):
             layers += [NTKDense(n_in, width), nn.ReLU()]
             n_in = width
